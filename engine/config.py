@@ -1,0 +1,76 @@
+"""Engine configuration, validated before any work; errors name the field and value."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+DEVICES = ("cpu", "cuda", "sim")
+SIM_POLICIES = ("eager", "lazy", "threaded")
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+@dataclass
+class EngineConfig:
+    """Everything the engine needs besides the model weights."""
+
+    model: str | None = None
+    device: str = "cpu"
+    dtype: torch.dtype | None = None
+    async_scheduling: bool = False
+    block_size: int = 16
+    num_kv_blocks: int | None = None
+    max_num_seqs: int = 32
+    max_num_batched_tokens: int = 1024
+    max_model_len: int | None = None
+    seed: int = 0
+    enforce_eager: bool = False
+    sim_policy: str = "eager"
+    kv_cache_memory_fraction: float = 0.5
+
+    def __post_init__(self) -> None:
+        if self.model is not None and not isinstance(self.model, str):
+            raise ValueError(f"model must be None, 'oracle' or a checkpoint directory, "
+                             f"got {self.model!r}")
+        if self.device not in DEVICES:
+            raise ValueError(f"device must be one of {DEVICES}, got {self.device!r}")
+        if self.sim_policy not in SIM_POLICIES:
+            raise ValueError(f"sim_policy must be one of {SIM_POLICIES}, got {self.sim_policy!r}")
+        self.dtype = _parse_dtype(self.dtype)
+        for name in ("block_size", "max_num_seqs", "max_num_batched_tokens"):
+            _positive_int(name, getattr(self, name))
+        for name in ("num_kv_blocks", "max_model_len"):
+            if getattr(self, name) is not None:
+                _positive_int(name, getattr(self, name))
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
+            raise ValueError(f"seed must be a non-negative int, got {self.seed!r}")
+        for name in ("async_scheduling", "enforce_eager"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be a bool, got {getattr(self, name)!r}")
+        if not 0.0 < self.kv_cache_memory_fraction <= 0.95:
+            raise ValueError(f"kv_cache_memory_fraction must be in (0, 0.95], "
+                             f"got {self.kv_cache_memory_fraction!r}")
+        if self.device == "cuda" and not torch.cuda.is_available():
+            raise ValueError("device='cuda' but no CUDA device is available")
+
+    def resolve_max_model_len(self, model_max_len: int) -> int:
+        """Fix ``max_model_len`` against the model's limit; returns the value in force."""
+        if self.max_model_len is None:
+            self.max_model_len = model_max_len
+        elif self.max_model_len > model_max_len:
+            raise ValueError(f"max_model_len={self.max_model_len} exceeds the model's "
+                             f"max_position_embeddings={model_max_len}")
+        return self.max_model_len
+
+
+def _positive_int(name: str, value: object) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise ValueError(f"{name} must be a positive int, got {value!r}")
+
+
+def _parse_dtype(dtype: object) -> torch.dtype | None:
+    if dtype is None or isinstance(dtype, torch.dtype) and dtype in DTYPES.values():
+        return dtype
+    if isinstance(dtype, str) and dtype in DTYPES:
+        return DTYPES[dtype]
+    raise ValueError(f"dtype must be None or one of {tuple(DTYPES)}, got {dtype!r}")
