@@ -62,7 +62,7 @@ def sample(logits: torch.Tensor, s: SamplingInputs, output_counts: torch.Tensor,
         logits = apply_penalties(logits, s, output_counts, prompt_mask)
     if s.banned_rows.numel():
         logits = logits.index_put((s.banned_rows, s.banned_tokens),
-                                  torch.tensor(float("-inf"), device=logits.device))
+                                  logits.new_full((), float("-inf")))
     tokens = logits.argmax(-1)
     if s.any_random:
         greedy = s.temperature == 0
