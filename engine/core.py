@@ -2,20 +2,21 @@
 from __future__ import annotations
 
 import logging
+from collections import deque
 
 import torch
 
 from .config import EngineConfig
-from .device import Device
+from .device import Device, make_device
 from .hashing import seed_key
 from .kv_cache import KVCacheManager
-from .model_runner import ModelRunner, choose_num_kv_blocks
+from .model_runner import ModelRunner, PendingOutput, choose_num_kv_blocks
 from .models.default import default_checkpoint
 from .models.loader import load_checkpoint
 from .models.oracle import OracleModel
 from .request import Request, RequestOutput
 from .sampling_params import SamplingParams
-from .scheduler import Scheduler
+from .scheduler import Scheduler, SchedulerOutput
 
 logger = logging.getLogger("lockstep.engine")
 
@@ -33,7 +34,7 @@ class EngineCore:
 
     def __init__(self, config: EngineConfig) -> None:
         self.config = config
-        self.device = Device(config.device)
+        self.device = make_device(config.device, config.sim_policy, config.seed)
         self.model = load_model(config, self.device)
         model_cfg = self.model.config
         self.vocab_size = model_cfg.vocab_size
@@ -46,6 +47,8 @@ class EngineCore:
         self.num_steps = 0
         self._num_added = 0
         self._pending_outputs: list[RequestOutput] = []
+        self._in_flight: deque[tuple[SchedulerOutput, PendingOutput]] = deque()
+        self._queue_depth = 2 if config.async_scheduling else 1
 
     def check_request(self, prompt_token_ids: object, params: object) -> None:
         """Raise ValueError, naming the field, if this request could never be served."""
@@ -99,31 +102,60 @@ class EngineCore:
         return True
 
     def has_unfinished_requests(self) -> bool:
-        return self.scheduler.has_unfinished() or bool(self._pending_outputs)
+        return (self.scheduler.has_unfinished() or bool(self._pending_outputs)
+                or bool(self._in_flight))
 
     def step(self) -> list[RequestOutput]:
-        """Schedule, run and apply one step; returns outputs of requests that changed."""
+        """Advance the engine; returns outputs of requests that changed.
+
+        Sync mode (queue depth 1): schedule, launch, wait for the tokens, update. Async mode
+        (depth 2): schedule and launch step N+1 *before* collecting step N, so the host's
+        scheduling and input preparation overlap the device's work.
+        """
         outputs, self._pending_outputs = self._pending_outputs, []
-        if not self.scheduler.has_unfinished():
-            return outputs
+        launched = False
+        if len(self._in_flight) < self._queue_depth and self.scheduler.has_unfinished():
+            launched = self._launch()
+        if self._in_flight and (not launched or len(self._in_flight) == self._queue_depth):
+            outputs += self._collect()
+        return outputs + self._pending_outputs_now()
+
+    def _launch(self) -> bool:
         sched = self.scheduler.schedule()
         self.runner.release(sched.freed_request_ids)
         if not sched.rows:
-            return outputs
+            return False
         self.num_steps += 1
         try:
-            result = self.runner.execute_model(sched, self.kv.block_tables).get_output()
+            pending = self.runner.execute_model(sched, self.kv.block_tables)
         except Exception as exc:  # one bad step must not take the engine down
-            logger.exception("step %d failed", self.num_steps)
-            return outputs + self._fail(sched, exc)
+            logger.exception("step %d failed to launch", self.num_steps)
+            self._pending_outputs += self._fail(sched, exc)
+            return False
+        self._in_flight.append((sched, pending))
+        return True
+
+    def _collect(self) -> list[RequestOutput]:
+        sched, pending = self._in_flight.popleft()
+        try:
+            result = pending.get_output()
+        except Exception as exc:
+            logger.exception("a step failed on the device")
+            return self._fail(sched, exc)
         changed = self.scheduler.update_from_output(sched, result.sampled, result.logprobs)
-        return outputs + [RequestOutput.of(r) for r in changed]
+        return [RequestOutput.of(r) for r in changed]
+
+    def _pending_outputs_now(self) -> list[RequestOutput]:
+        outputs, self._pending_outputs = self._pending_outputs, []
+        return outputs
 
     def _fail(self, sched, exc: Exception) -> list[RequestOutput]:
         failed = []
         for row in sched.rows:
             req = row.request
-            req.num_placeholders = 0
+            req.num_placeholders -= row.samples
+            if req.is_finished:
+                continue
             self.scheduler.finish(req, "error")
             out = RequestOutput.of(req)
             out.error = f"{type(exc).__name__}: {exc}"

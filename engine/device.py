@@ -1,52 +1,97 @@
-"""The device layer: where device work runs and how host data reaches it.
+"""The device layer: where device work runs and how data crosses between host and device.
 
-``cpu`` runs everything at once on host tensors; ``cuda`` uses real streams, events and pinned
-memory. Every host-to-device input goes through :class:`HostBuffer`, the one staging-buffer type,
-so later layers (fences, the race checker) have a single place to hook.
+All of the engine's device work goes through a :class:`Device`: ``launch`` runs a function on a
+stream, ``copy_async`` issues a copy on a stream, ``record``/``wait`` order streams and the host.
+``cuda`` maps these onto real CUDA streams, events and pinned memory. ``sim`` (see ``sim.py``)
+runs them on CPU tensors with streams that are queues, so a host read before a wait sees stale
+data and a host write to a staging buffer before its copy ran changes what the device receives.
+``cpu`` is ``sim`` with the ``eager`` policy: every piece of work runs at once.
 """
 from __future__ import annotations
+
+from typing import Any, Callable, Protocol
 
 import numpy as np
 import torch
 
 
-class Device:
-    """A compute device as the engine sees it."""
+class Event(Protocol):
+    def synchronize(self) -> None: ...
+    def query(self) -> bool: ...
 
-    def __init__(self, kind: str) -> None:
-        self.kind = kind
-        self.torch_device = torch.device("cuda" if kind == "cuda" else "cpu")
-        self.pin_memory = kind == "cuda"
+
+class Device:
+    """A CUDA device with one compute stream and one copy stream."""
+
+    kind = "cuda"
+
+    def __init__(self) -> None:
+        self.torch_device = torch.device("cuda", torch.cuda.current_device())
+        self.pin_memory = True
+        self.compute = torch.cuda.current_stream()
+        self.copy = torch.cuda.Stream()
+
+    def launch(self, stream: Any, fn: Callable[..., None], *args: Any) -> None:
+        """Run device work ``fn(*args)`` in stream order on ``stream``."""
+        with torch.cuda.stream(stream), torch.inference_mode():
+            fn(*args)
+
+    def copy_async(self, dst: torch.Tensor, src: torch.Tensor, stream: Any) -> None:
+        with torch.cuda.stream(stream):
+            dst.copy_(src, non_blocking=True)
+
+    def record(self, stream: Any, timing: bool = False) -> Event:
+        event = torch.cuda.Event(enable_timing=timing)
+        event.record(stream)
+        return event
+
+    def wait(self, stream: Any, event: Event) -> None:
+        stream.wait_event(event)
+
+    def synchronize(self) -> None:
+        torch.cuda.synchronize()
 
     def zeros(self, *shape: int, dtype: torch.dtype) -> torch.Tensor:
         return torch.zeros(*shape, dtype=dtype, device=self.torch_device)
 
+    def empty(self, *shape: int, dtype: torch.dtype) -> torch.Tensor:
+        return torch.empty(*shape, dtype=dtype, device=self.torch_device)
+
+    def host_empty(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+        return torch.empty(shape, dtype=dtype, pin_memory=self.pin_memory)
+
     def host_buffer(self, numel: int, dtype: torch.dtype) -> "HostBuffer":
         return HostBuffer(self, numel, dtype)
 
-    def synchronize(self) -> None:
-        if self.kind == "cuda":
-            torch.cuda.synchronize()
-
     def free_memory(self) -> int | None:
         """Free device memory in bytes, or None where it is not bounded (host memory)."""
-        return torch.cuda.mem_get_info()[0] if self.kind == "cuda" else None
+        return torch.cuda.mem_get_info()[0]
+
+
+def make_device(kind: str, sim_policy: str = "eager", seed: int = 0) -> Device:
+    if kind == "cuda":
+        return Device()
+    from .sim import SimDevice
+    return SimDevice("eager" if kind == "cpu" else sim_policy, seed=seed, kind=kind)
 
 
 class HostBuffer:
     """A host staging buffer (pinned on CUDA) and its device twin.
 
-    ``stage`` packs several arrays into the host side, issues one non-blocking copy and returns
-    device views, one per array. The buffer grows when a step needs more room.
+    ``stage`` packs several arrays into the host side, issues one async copy on the compute
+    stream and returns device views, one per array. The host must not rewrite the buffer until
+    that copy ran: the caller fences on ``copied``, the event recorded after the copy.
     """
 
     def __init__(self, device: Device, numel: int, dtype: torch.dtype) -> None:
         self.device = device
         self.dtype = dtype
+        self.copied: Event | None = None
         self._allocate(numel)
 
     def _allocate(self, numel: int) -> None:
-        self.host = torch.zeros(numel, dtype=self.dtype, pin_memory=self.device.pin_memory)
+        self.host = self.device.host_empty((numel,), self.dtype)
+        self.host.zero_()
         self.host_np = self.host.numpy()
         self.dev = self.device.zeros(numel, dtype=self.dtype)
 
@@ -58,5 +103,12 @@ class HostBuffer:
         offsets = np.cumsum([0] + sizes)
         for a, lo, hi in zip(arrays, offsets[:-1], offsets[1:]):
             self.host_np[lo:hi] = a.reshape(-1)
-        self.dev[:total].copy_(self.host[:total], non_blocking=True)
+        stream = self.device.compute
+        self.device.copy_async(self.dev[:total], self.host[:total], stream)
+        self.copied = self.device.record(stream)
         return [self.dev[lo:hi] for lo, hi in zip(offsets[:-1], offsets[1:])]
+
+    def fence(self) -> None:
+        """Input-prep fence: wait until the last staged copy has read the host side."""
+        if self.copied is not None:
+            self.copied.synchronize()

@@ -62,10 +62,13 @@ class StepInputs:
     logits_indices: torch.Tensor
     sampling: SamplingInputs
     penalty: PenaltyUpdate | None
-    slots: list[int]
+    gather_token_idx: torch.Tensor  # input positions whose id is the slot's last sampled token
+    gather_slots: torch.Tensor
+    num_gathered: int
 
 
 def _known_tokens(req: Request, start: int, n: int) -> list[int]:
+    n = min(n, req.num_tokens - start)
     p = req.num_prompt_tokens
     if start >= p:
         return req.output_token_ids[start - p:start - p + n]
@@ -85,6 +88,11 @@ class InputBatch:
         blocks = -(-config.max_model_len // config.block_size)
         self.ints = device.host_buffer(6 * tokens + rows * (blocks + 8), torch.int64)
         self.floats = device.host_buffer(6 * rows, torch.float32)
+
+    def fence(self) -> None:
+        """Wait until the previous step's copies have read both staging buffers."""
+        self.ints.fence()
+        self.floats.fence()
 
     def release(self, request_ids: list[str]) -> None:
         for rid in request_ids:
@@ -108,13 +116,22 @@ class InputBatch:
         slots = [self._slot_for(r.request.request_id) for r in rows]
 
         ids, positions, slot_map, tok_rows, tok_cols = [], [], [], [], []
+        gather_idx, gather_slots = [], []
+        offset = 0
         tables = np.zeros((num_rows, num_blocks), dtype=np.int64)
         qpos = np.zeros((num_rows, q_max), dtype=np.int64)
         for i, row in enumerate(rows):
             req = row.request
             pos = np.arange(row.start, row.start + row.num_tokens, dtype=np.int64)
             table = np.asarray(block_tables[req.request_id], dtype=np.int64)
-            ids.append(np.asarray(_known_tokens(req, row.start, row.num_tokens), dtype=np.int64))
+            known = _known_tokens(req, row.start, row.num_tokens)
+            if len(known) < row.num_tokens:  # async: the last id is still on the device
+                assert len(known) == row.num_tokens - 1, f"{req.request_id}: ids unknown"
+                gather_idx.append(offset + len(known))
+                gather_slots.append(slots[i])
+                known = known + [0]
+            offset += row.num_tokens
+            ids.append(np.asarray(known, dtype=np.int64))
             positions.append(pos)
             slot_map.append(table[pos // bs] * bs + pos % bs)
             tok_rows.append(np.full(row.num_tokens, i, dtype=np.int64))
@@ -128,9 +145,11 @@ class InputBatch:
         staged = self.ints.stage(
             [np.concatenate(ids), np.concatenate(positions), np.concatenate(slot_map),
              np.concatenate(tok_rows), np.concatenate(tok_cols), tables, qpos, logits_idx,
-             *samp_ints, banned[0], banned[1], *penalty_arrays])
+             *samp_ints, banned[0], banned[1], np.array(gather_idx, dtype=np.int64),
+             np.array(gather_slots, dtype=np.int64), *penalty_arrays])
         (input_ids, pos_t, slot_t, rows_t, cols_t, tables_t, qpos_t, logits_t,
-         top_k, keys, out_pos, slots_t, banned_rows, banned_tokens, *pen) = staged
+         top_k, keys, out_pos, slots_t, banned_rows, banned_tokens, g_idx, g_slots,
+         *pen) = staged
         temperature, top_p, min_p, presence, frequency, repetition = self.floats.stage(samp_floats)
         attn = AttentionMetadata(slot_t, tables_t.view(num_rows, num_blocks), rows_t, cols_t,
                                  qpos_t.view(num_rows, q_max), q_max, num_blocks * bs)
@@ -138,7 +157,8 @@ class InputBatch:
                                   frequency, repetition, slots_t, banned_rows, banned_tokens,
                                   **flags)
         penalty = PenaltyUpdate(*pen) if penalty_sizes else None
-        return StepInputs(input_ids, pos_t, attn, logits_t, sampling, penalty, slots)
+        return StepInputs(input_ids, pos_t, attn, logits_t, sampling, penalty, g_idx, g_slots,
+                          len(gather_idx))
 
     @staticmethod
     def _sampling_arrays(rows, slots):

@@ -21,21 +21,32 @@ class ModelRunnerOutput:
 
 
 class PendingOutput:
-    """A launched step's device results; ``get_output`` brings them to the host (blocking)."""
+    """A launched step's results, on their way to the host.
 
-    def __init__(self, sched: SchedulerOutput, out: SamplerOutput) -> None:
+    The sampled ids (and logprobs) are copied on the copy stream, after the compute stream's
+    ``done`` event, into fresh host memory (pinned on CUDA), followed by an event. Only
+    ``get_output`` waits on that event, so the critical path never does.
+    """
+
+    def __init__(self, device: Device, sched: SchedulerOutput, result: "DeviceResult") -> None:
         self.sched = sched
-        self.out = out
+        self._result = result
+        done = device.record(device.compute)
+        device.wait(device.copy, done)
+        self._host = [device.host_empty(tuple(t.shape), t.dtype) for t in result.tensors()]
+        for dst, src in zip(self._host, result.tensors()):
+            device.copy_async(dst, src, device.copy)
+        self._copied = device.record(device.copy)
 
     def get_output(self) -> ModelRunnerOutput:
-        out = self.out
-        tokens = out.tokens.cpu().tolist()
-        sampled = [t if row.samples else None for t, row in zip(tokens, self.sched.rows)]
+        self._copied.synchronize()
+        tokens = self._host[0].tolist()
+        rows = self.sched.rows
+        sampled = [t if row.samples else None for t, row in zip(tokens, rows)]
         logprobs: list[dict[int, float] | None] = [None] * len(tokens)
-        if out.top_ids is not None:
-            top_ids, top_lp = out.top_ids.cpu().tolist(), out.top_logprobs.cpu().tolist()
-            sampled_lp = out.sampled_logprob.cpu().tolist()
-            for i, row in enumerate(self.sched.rows):
+        if len(self._host) > 1:
+            sampled_lp, top_lp, top_ids = (t.tolist() for t in self._host[1:])
+            for i, row in enumerate(rows):
                 n = row.request.sampling_params.logprobs
                 if n is None or not row.samples:
                     continue
@@ -43,6 +54,27 @@ class PendingOutput:
                 entry[tokens[i]] = sampled_lp[i]
                 logprobs[i] = entry
         return ModelRunnerOutput(sampled, logprobs)
+
+
+class DeviceResult:
+    """Device tensors, allocated by the host, that the step's device work fills."""
+
+    def __init__(self, device: Device, num_rows: int, num_logprobs: int | None) -> None:
+        self.tokens = device.empty(num_rows, dtype=torch.int64)
+        self.logprobs = None if num_logprobs is None else (
+            device.empty(num_rows, dtype=torch.float32),
+            device.empty(num_rows, num_logprobs, dtype=torch.float32),
+            device.empty(num_rows, num_logprobs, dtype=torch.int64))
+
+    def tensors(self) -> list[torch.Tensor]:
+        return [self.tokens, *(self.logprobs or ())]
+
+    def fill(self, out: SamplerOutput) -> None:
+        self.tokens.copy_(out.tokens)
+        if self.logprobs is not None:
+            for dst, src in zip(self.logprobs, (out.sampled_logprob, out.top_logprobs,
+                                                out.top_ids)):
+                dst.copy_(src)
 
 
 def kv_block_bytes(model: torch.nn.Module, block_size: int) -> int:
@@ -74,21 +106,32 @@ class ModelRunner:
                                      dtype=model.kv_cache_dtype)
         self.output_counts = device.zeros(config.max_num_seqs, vocab_size, dtype=torch.int32)
         self.prompt_mask = device.zeros(config.max_num_seqs, vocab_size, dtype=torch.bool)
+        self.last_sampled = device.zeros(config.max_num_seqs, dtype=torch.int64)
         self.input_batch = InputBatch(config, device)
 
     def release(self, request_ids: list[str]) -> None:
         self.input_batch.release(request_ids)
 
-    @torch.inference_mode()
     def execute_model(self, sched: SchedulerOutput,
                       block_tables: dict[str, list[int]]) -> PendingOutput:
+        """Prepare inputs on the host, launch the step's device work, return at once."""
+        self.input_batch.fence()
         inputs = self.input_batch.prepare(sched, block_tables)
+        result = DeviceResult(self.device, len(sched.rows), inputs.sampling.max_logprobs)
+        self.device.launch(self.device.compute, self._device_step, inputs, result)
+        return PendingOutput(self.device, sched, result)
+
+    def _device_step(self, inputs: StepInputs, result: DeviceResult) -> None:
+        """Everything the device does in one step; runs in compute-stream order."""
+        if inputs.num_gathered:
+            inputs.input_ids[inputs.gather_token_idx] = self.last_sampled[inputs.gather_slots]
         hidden = self.model(inputs.input_ids, inputs.positions, self.kv_cache, inputs.attn)
         logits = self.model.compute_logits(hidden[inputs.logits_indices])
         if inputs.penalty is not None:
             self._update_penalty_state(inputs)
-        return PendingOutput(sched, sample(logits, inputs.sampling, self.output_counts,
-                                           self.prompt_mask))
+        out = sample(logits, inputs.sampling, self.output_counts, self.prompt_mask)
+        self.last_sampled.index_copy_(0, inputs.sampling.slots, out.tokens)
+        result.fill(out)
 
     def _update_penalty_state(self, inputs: StepInputs) -> None:
         """Fold this step's input tokens into the per-slot prompt masks and output counts."""

@@ -82,6 +82,8 @@ class Scheduler:
         while (self.waiting and not preempted and budget > 0
                and len(self.running) < self.config.max_num_seqs):
             req = self.waiting[0]
+            if req.num_placeholders:  # preempted with a step in flight: wait for its token
+                break
             num_new = min(req.num_tokens - req.num_computed_tokens, budget)
             if not self.kv.can_allocate(req.request_id, req.num_computed_tokens + num_new):
                 break

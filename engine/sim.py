@@ -1,0 +1,144 @@
+"""A simulated device: CPU tensors for device memory, queues for streams.
+
+Device work (a launched function, an async copy, an event record, a wait on another stream's
+event) is an item in its stream's queue. When the items run is the *policy*:
+
+* ``eager``: at once, in the host thread (no lag at all);
+* ``lazy``: as late as possible, only when the host waits on an event or a stream: the worst
+  case lag, deterministic;
+* ``threaded``: a worker thread per stream runs its queue, sleeping a seeded random delay
+  before each item.
+
+A copy reads its source when it runs, not when it was issued, so a host write to a staging buffer
+before the copy ran changes what the "device" receives, and a host read of a copy's destination
+before waiting sees stale data, exactly as on a GPU.
+"""
+from __future__ import annotations
+
+import random
+import threading
+import time
+from collections import deque
+from typing import Any, Callable
+
+import torch
+
+from .device import Device
+
+
+class SimEvent:
+    """Completion of every item queued on a stream before ``record``."""
+
+    def __init__(self, stream: "SimStream") -> None:
+        self.stream = stream
+        self.done = threading.Event()
+        self.time_ns: int | None = None
+
+    def _complete(self) -> None:
+        self.time_ns = time.perf_counter_ns()
+        self.done.set()
+
+    def query(self) -> bool:
+        return self.done.is_set()
+
+    def synchronize(self) -> None:
+        self.stream.run_until(self)
+
+
+class SimStream:
+    """An in-order queue of device work."""
+
+    def __init__(self, device: "SimDevice", name: str) -> None:
+        self.device = device
+        self.name = name
+        self._queue: deque[Callable[[], None]] = deque()
+        self._lock = threading.RLock()
+        self._idle = threading.Condition(self._lock)
+        self.error: BaseException | None = None
+        if device.policy == "threaded":
+            self._rng = random.Random(f"{device.seed}:{name}")
+            self._wake = threading.Condition(self._lock)
+            threading.Thread(target=self._worker, name=f"sim-{name}", daemon=True).start()
+
+    def enqueue(self, item: Callable[[], None]) -> None:
+        policy = self.device.policy
+        if policy == "eager":
+            item()
+            return
+        with self._lock:
+            self._queue.append(item)
+            if policy == "threaded":
+                self._wake.notify()
+
+    def run_until(self, event: SimEvent) -> None:
+        """Block the caller until ``event`` completed (running work itself when lazy)."""
+        if self.device.policy == "lazy":
+            while not event.done.is_set():
+                with self._lock:
+                    item = self._queue.popleft()
+                item()
+        else:
+            event.done.wait()
+        if self.error is not None:
+            error, self.error = self.error, None
+            raise RuntimeError(f"device work on sim stream {self.name!r} failed") from error
+
+    def synchronize(self) -> None:
+        event = SimEvent(self)
+        self.enqueue(event._complete)
+        self.run_until(event)
+
+    def _worker(self) -> None:
+        while True:
+            with self._lock:
+                while not self._queue:
+                    self._wake.wait()
+                item = self._queue.popleft()
+                delay = self._rng.uniform(0, self.device.max_delay_s)
+            time.sleep(delay)
+            try:
+                item()
+            except BaseException as exc:  # surfaced to the host at its next wait
+                self.error = self.error or exc
+
+
+class SimDevice(Device):
+    """The ``sim`` device (and ``cpu``, which is ``sim`` with the eager policy)."""
+
+    def __init__(self, policy: str, seed: int = 0, kind: str = "sim",
+                 max_delay_s: float = 0.002) -> None:
+        self.kind = kind
+        self.policy = policy
+        self.seed = seed
+        self.max_delay_s = max_delay_s
+        self.torch_device = torch.device("cpu")
+        self.pin_memory = False
+        self.compute = SimStream(self, "compute")
+        self.copy = SimStream(self, "copy")
+
+    def launch(self, stream: SimStream, fn: Callable[..., None], *args: Any) -> None:
+        def run() -> None:
+            with torch.inference_mode():
+                fn(*args)
+        stream.enqueue(run)
+
+    def copy_async(self, dst: torch.Tensor, src: torch.Tensor, stream: SimStream) -> None:
+        stream.enqueue(lambda: dst.copy_(src))
+
+    def record(self, stream: SimStream, timing: bool = False) -> SimEvent:
+        event = SimEvent(stream)
+        stream.enqueue(event._complete)
+        return event
+
+    def wait(self, stream: SimStream, event: SimEvent) -> None:
+        stream.enqueue(event.synchronize)
+
+    def synchronize(self) -> None:
+        self.compute.synchronize()
+        self.copy.synchronize()
+
+    def host_empty(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+        return torch.empty(shape, dtype=dtype)
+
+    def free_memory(self) -> int | None:
+        return None
