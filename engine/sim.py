@@ -18,6 +18,7 @@ from __future__ import annotations
 import random
 import threading
 import time
+import weakref
 from collections import deque
 from typing import Any, Callable
 
@@ -45,61 +46,76 @@ class SimEvent:
         self.stream.run_until(self)
 
 
+class _WorkQueue:
+    """A stream's queue, shared with its worker thread (which must not keep the stream alive)."""
+
+    def __init__(self) -> None:
+        self.items: deque[Callable[[], None]] = deque()
+        self.lock = threading.Lock()
+        self.wake = threading.Condition(self.lock)
+        self.closed = False
+        self.error: BaseException | None = None
+
+    def close(self) -> None:
+        with self.lock:
+            self.closed = True
+            self.wake.notify()
+
+    def work(self, rng: random.Random, max_delay_s: float) -> None:
+        while True:
+            with self.lock:
+                while not self.items and not self.closed:
+                    self.wake.wait()
+                if not self.items:
+                    return
+                item = self.items.popleft()
+                delay = rng.uniform(0, max_delay_s)
+            time.sleep(delay)
+            try:
+                item()
+            except BaseException as exc:  # surfaced to the host at its next wait
+                self.error = self.error or exc
+            del item  # a finished item must not keep the stream (and engine) alive
+
+
 class SimStream:
     """An in-order queue of device work."""
 
     def __init__(self, device: "SimDevice", name: str) -> None:
-        self.device = device
+        self.policy = device.policy
         self.name = name
-        self._queue: deque[Callable[[], None]] = deque()
-        self._lock = threading.RLock()
-        self._idle = threading.Condition(self._lock)
-        self.error: BaseException | None = None
-        if device.policy == "threaded":
-            self._rng = random.Random(f"{device.seed}:{name}")
-            self._wake = threading.Condition(self._lock)
-            threading.Thread(target=self._worker, name=f"sim-{name}", daemon=True).start()
+        self._queue = _WorkQueue()
+        if self.policy == "threaded":
+            rng = random.Random(f"{device.seed}:{name}")
+            threading.Thread(target=self._queue.work, args=(rng, device.max_delay_s),
+                             name=f"sim-{name}", daemon=True).start()
+            weakref.finalize(self, self._queue.close)
 
     def enqueue(self, item: Callable[[], None]) -> None:
-        policy = self.device.policy
-        if policy == "eager":
+        if self.policy == "eager":
             item()
             return
-        with self._lock:
-            self._queue.append(item)
-            if policy == "threaded":
-                self._wake.notify()
+        with self._queue.lock:
+            self._queue.items.append(item)
+            self._queue.wake.notify()
 
     def run_until(self, event: SimEvent) -> None:
         """Block the caller until ``event`` completed (running work itself when lazy)."""
-        if self.device.policy == "lazy":
+        if self.policy == "lazy":
             while not event.done.is_set():
-                with self._lock:
-                    item = self._queue.popleft()
+                with self._queue.lock:
+                    item = self._queue.items.popleft()
                 item()
         else:
             event.done.wait()
-        if self.error is not None:
-            error, self.error = self.error, None
+        if self._queue.error is not None:
+            error, self._queue.error = self._queue.error, None
             raise RuntimeError(f"device work on sim stream {self.name!r} failed") from error
 
     def synchronize(self) -> None:
         event = SimEvent(self)
         self.enqueue(event._complete)
         self.run_until(event)
-
-    def _worker(self) -> None:
-        while True:
-            with self._lock:
-                while not self._queue:
-                    self._wake.wait()
-                item = self._queue.popleft()
-                delay = self._rng.uniform(0, self.device.max_delay_s)
-            time.sleep(delay)
-            try:
-                item()
-            except BaseException as exc:  # surfaced to the host at its next wait
-                self.error = self.error or exc
 
 
 class SimDevice(Device):
