@@ -17,6 +17,7 @@ from .models.oracle import OracleModel
 from .request import Request, RequestOutput
 from .sampling_params import SamplingParams
 from .scheduler import Scheduler, SchedulerOutput
+from .timeline import Timeline
 
 logger = logging.getLogger("lockstep.engine")
 
@@ -43,11 +44,13 @@ class EngineCore:
         num_blocks = config.num_kv_blocks or choose_num_kv_blocks(config, self.model, self.device)
         self.kv = KVCacheManager(num_blocks, config.block_size)
         self.scheduler = Scheduler(config, self.kv)
-        self.runner = ModelRunner(config, self.model, self.device, num_blocks, self.vocab_size)
+        self.timeline = Timeline(self.device)
+        self.runner = ModelRunner(config, self.model, self.device, num_blocks, self.vocab_size,
+                                  self.timeline)
         self.num_steps = 0
         self._num_added = 0
         self._pending_outputs: list[RequestOutput] = []
-        self._in_flight: deque[tuple[SchedulerOutput, PendingOutput]] = deque()
+        self._in_flight: deque[tuple[int, SchedulerOutput, PendingOutput]] = deque()
         self._queue_depth = 2 if config.async_scheduling else 1
 
     def check_request(self, prompt_token_ids: object, params: object) -> None:
@@ -121,29 +124,32 @@ class EngineCore:
         return outputs + self._pending_outputs_now()
 
     def _launch(self) -> bool:
-        sched = self.scheduler.schedule()
-        self.runner.release(sched.freed_request_ids)
+        step = self.num_steps + 1
+        with self.timeline.host("schedule", step):
+            sched = self.scheduler.schedule()
+            self.runner.release(sched.freed_request_ids)
         if not sched.rows:
             return False
-        self.num_steps += 1
+        self.num_steps = step
         try:
-            pending = self.runner.execute_model(sched, self.kv.block_tables)
+            pending = self.runner.execute_model(sched, self.kv.block_tables, step)
         except Exception as exc:  # one bad step must not take the engine down
             logger.exception("step %d failed to launch", self.num_steps)
             self._pending_outputs += self._fail(sched, exc)
             return False
-        self._in_flight.append((sched, pending))
+        self._in_flight.append((step, sched, pending))
         return True
 
     def _collect(self) -> list[RequestOutput]:
-        sched, pending = self._in_flight.popleft()
-        try:
-            result = pending.get_output()
-        except Exception as exc:
-            logger.exception("a step failed on the device")
-            return self._fail(sched, exc)
-        changed = self.scheduler.update_from_output(sched, result.sampled, result.logprobs)
-        return [RequestOutput.of(r) for r in changed]
+        step, sched, pending = self._in_flight.popleft()
+        with self.timeline.host("collect", step):
+            try:
+                result = pending.get_output()
+            except Exception as exc:
+                logger.exception("step %d failed on the device", step)
+                return self._fail(sched, exc)
+            changed = self.scheduler.update_from_output(sched, result.sampled, result.logprobs)
+            return [RequestOutput.of(r) for r in changed]
 
     def _pending_outputs_now(self) -> list[RequestOutput]:
         outputs, self._pending_outputs = self._pending_outputs, []

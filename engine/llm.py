@@ -69,6 +69,10 @@ class LLM:
         """Counters: ``num_steps``, ``num_preemptions``, ``num_free_blocks``, ``num_total_blocks``…"""
         return self.engine.stats()
 
+    def export_trace(self, path: str) -> None:
+        """Write the step timeline (host and device spans) as a Chrome/Perfetto trace JSON."""
+        self.engine.timeline.export_chrome_trace(path)
+
     def _tokenize(self, index: int, prompt: Sequence[int] | str) -> list[int]:
         if isinstance(prompt, str):
             if self.tokenizer is None:

@@ -10,6 +10,7 @@ from .device import Device
 from .input_batch import InputBatch, StepInputs
 from .sampler import SamplerOutput, sample
 from .scheduler import SchedulerOutput
+from .timeline import Timeline
 
 
 @dataclass
@@ -99,8 +100,9 @@ class ModelRunner:
     """Owns the model, the KV cache and the device-side per-slot state."""
 
     def __init__(self, config: EngineConfig, model: torch.nn.Module, device: Device,
-                 num_blocks: int, vocab_size: int) -> None:
+                 num_blocks: int, vocab_size: int, timeline: Timeline) -> None:
         self.model = model
+        self.timeline = timeline
         self.device = device
         self.kv_cache = device.zeros(*model.kv_cache_shape(num_blocks, config.block_size),
                                      dtype=model.kv_cache_dtype)
@@ -112,14 +114,18 @@ class ModelRunner:
     def release(self, request_ids: list[str]) -> None:
         self.input_batch.release(request_ids)
 
-    def execute_model(self, sched: SchedulerOutput,
-                      block_tables: dict[str, list[int]]) -> PendingOutput:
+    def execute_model(self, sched: SchedulerOutput, block_tables: dict[str, list[int]],
+                      step: int) -> PendingOutput:
         """Prepare inputs on the host, launch the step's device work, return at once."""
-        self.input_batch.fence()
-        inputs = self.input_batch.prepare(sched, block_tables)
-        result = DeviceResult(self.device, len(sched.rows), inputs.sampling.max_logprobs)
-        self.device.launch(self.device.compute, self._device_step, inputs, result)
-        return PendingOutput(self.device, sched, result)
+        with self.timeline.host("prepare", step):
+            self.input_batch.fence()
+            inputs = self.input_batch.prepare(sched, block_tables)
+            result = DeviceResult(self.device, len(sched.rows), inputs.sampling.max_logprobs)
+        with self.timeline.host("launch", step):
+            begin = self.timeline.device_begin()
+            self.device.launch(self.device.compute, self._device_step, inputs, result)
+            self.timeline.device_end(step, begin)
+            return PendingOutput(self.device, sched, result)
 
     def _device_step(self, inputs: StepInputs, result: DeviceResult) -> None:
         """Everything the device does in one step; runs in compute-stream order."""

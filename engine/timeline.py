@@ -1,0 +1,101 @@
+"""Step timeline: host spans and device spans per step, exportable as a Chrome/Perfetto trace.
+
+Host spans (schedule, prepare, launch, collect) are timed with ``perf_counter_ns``. A device span
+is a pair of events recorded on the compute stream around the step's device work: CUDA timing
+events, or the completion time stamps of ``sim`` events. Device times are resolved only on
+export, never on the step's path.
+"""
+from __future__ import annotations
+
+import json
+import time
+from collections import deque
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Iterator
+
+from .device import Device
+
+MAX_SPANS = 200_000
+
+
+@dataclass(slots=True)
+class HostSpan:
+    name: str
+    step: int
+    start_ns: int
+    end_ns: int
+
+
+class Timeline:
+    """Records what the host and the device did in each step."""
+
+    def __init__(self, device: Device) -> None:
+        self.device = device
+        self.host_spans: deque[HostSpan] = deque(maxlen=MAX_SPANS)
+        self._device_events: deque[tuple[int, object, object]] = deque(maxlen=MAX_SPANS)
+        self._origin = None  # (event, host ns) pair that anchors CUDA times to host time
+        if device.kind == "cuda":
+            device.synchronize()
+            origin = device.record(device.compute, timing=True)
+            origin.synchronize()
+            self._origin = (origin, time.perf_counter_ns())
+
+    @contextmanager
+    def host(self, name: str, step: int) -> Iterator[None]:
+        start = time.perf_counter_ns()
+        try:
+            yield
+        finally:
+            self.host_spans.append(HostSpan(name, step, start, time.perf_counter_ns()))
+
+    def device_begin(self) -> object:
+        return self.device.record(self.device.compute, timing=True)
+
+    def device_end(self, step: int, begin: object) -> None:
+        end = self.device.record(self.device.compute, timing=True)
+        self._device_events.append((step, begin, end))
+
+    def device_spans(self) -> list[tuple[int, int, int]]:
+        """(step, start ns, end ns) of every completed device span (waits for the device)."""
+        self.device.synchronize()
+        spans = []
+        for step, begin, end in self._device_events:
+            if self.device.kind == "cuda":
+                origin, origin_ns = self._origin
+                start = origin_ns + int(origin.elapsed_time(begin) * 1e6)
+                stop = origin_ns + int(origin.elapsed_time(end) * 1e6)
+            else:
+                start, stop = begin.time_ns, end.time_ns
+            spans.append((step, start, stop))
+        return spans
+
+    def busy_fraction(self, start_ns: int, end_ns: int) -> float:
+        """Fraction of ``[start_ns, end_ns)`` during which some device span was running."""
+        busy, cursor = 0, start_ns
+        for _, lo, hi in sorted(self.device_spans(), key=lambda s: s[1]):
+            lo, hi = max(lo, cursor), min(hi, end_ns)
+            if hi > lo:
+                busy += hi - lo
+                cursor = hi
+        return busy / max(1, end_ns - start_ns)
+
+    def chrome_trace(self) -> dict:
+        events: list[dict] = [
+            {"name": "process_name", "ph": "M", "pid": 0, "args": {"name": "host"}},
+            {"name": "process_name", "ph": "M", "pid": 1,
+             "args": {"name": f"device ({self.device.kind})"}}]
+        for s in self.host_spans:
+            events.append({"name": s.name, "cat": "host", "ph": "X", "pid": 0, "tid": 0,
+                           "ts": s.start_ns / 1e3, "dur": (s.end_ns - s.start_ns) / 1e3,
+                           "args": {"step": s.step}})
+        for step, start, stop in self.device_spans():
+            events.append({"name": f"step {step}", "cat": "device", "ph": "X", "pid": 1,
+                           "tid": 0, "ts": start / 1e3, "dur": (stop - start) / 1e3,
+                           "args": {"step": step}})
+        return {"traceEvents": events, "displayTimeUnit": "ms"}
+
+    def export_chrome_trace(self, path: str) -> None:
+        """Write the trace as JSON (open it in chrome://tracing or ui.perfetto.dev)."""
+        with open(path, "w") as f:
+            json.dump(self.chrome_trace(), f)

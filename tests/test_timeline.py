@@ -1,0 +1,35 @@
+"""The step timeline exports a valid Chrome trace with host and device spans."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from engine import LLM, SamplingParams
+
+TARGETS = [("sim", "lazy"), ("sim", "threaded"), pytest.param(("cuda", "eager"),
+                                                                marks=pytest.mark.gpu)]
+
+
+@pytest.mark.parametrize("target", TARGETS)
+@pytest.mark.parametrize("async_scheduling", [False, True])
+def test_trace_file_is_a_chrome_trace_with_host_and_device_spans(tmp_path, target,
+                                                                 async_scheduling):
+    device, policy = target
+    llm = LLM(model="oracle", device=device, sim_policy=policy,
+              async_scheduling=async_scheduling)
+    llm.generate([[1, 2, 3], [4, 5, 6, 7]], SamplingParams(temperature=0, max_tokens=6))
+    path = tmp_path / "trace.json"
+    llm.export_trace(str(path))
+    trace = json.loads(path.read_text())
+    spans = [e for e in trace["traceEvents"] if e["ph"] == "X"]
+    assert all({"name", "ts", "dur", "pid", "tid"} <= e.keys() and e["dur"] >= 0 for e in spans)
+    host = {e["name"] for e in spans if e["cat"] == "host"}
+    assert host == {"schedule", "prepare", "launch", "collect"}
+    device_steps = sorted(e["args"]["step"] for e in spans if e["cat"] == "device")
+    assert device_steps == list(range(1, llm.stats()["num_steps"] + 1))
+    for e in spans:
+        if e["cat"] == "device":  # a step's device work ends after its launch began
+            launch = next(h for h in spans if h["name"] == "launch"
+                          and h["args"]["step"] == e["args"]["step"])
+            assert e["ts"] + e["dur"] >= launch["ts"]
