@@ -12,11 +12,24 @@ def main(argv: list[str] | None = None) -> int:
     gate.add_argument("--model", default=None,
                       help="checkpoint directory; default: the embedded default model")
     gate.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    bench = sub.add_parser("bench", help="decode TPOT sync vs async vs the HBM floor")
+    bench.add_argument("--device", default="cuda", choices=["cpu", "cuda"])
+    bench.add_argument("--batch-sizes", default="1,8,64")
+    bench.add_argument("--shape", default="llama-3.2-1b", choices=["llama-3.2-1b", "tiny"])
+    bench.add_argument("--short", type=int, default=32, help="tokens of the short run")
+    bench.add_argument("--long", type=int, default=160, help="tokens of the long run")
+    bench.add_argument("--no-transformers", action="store_true",
+                       help="skip the transformers generate baseline")
+    bench.add_argument("--out", default=None, help="write the results as JSON here")
     args = parser.parse_args(argv)
     if args.command == "gate":
         from .gate import run_gate
         return run_gate(model=args.model, device=args.device)
-    return 2
+    from .bench import run_bench
+    run_bench(device=args.device, batch_sizes=tuple(int(b) for b in args.batch_sizes.split(",")),
+              shape=args.shape, short=args.short, long=args.long, out=args.out,
+              hf_baseline=not args.no_transformers)
+    return 0
 
 
 if __name__ == "__main__":

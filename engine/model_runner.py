@@ -6,6 +6,7 @@ from dataclasses import dataclass
 import torch
 
 from .config import EngineConfig
+from .cuda_graphs import DecodeGraphs
 from .device import Device
 from .input_batch import InputBatch, StepInputs
 from .sampler import SamplerOutput, sample
@@ -104,12 +105,18 @@ class ModelRunner:
         self.model = model
         self.timeline = timeline
         self.device = device
-        self.kv_cache = device.zeros(*model.kv_cache_shape(num_blocks, config.block_size),
+        # one block past the pool: the scratch block that CUDA-graph padding rows write to
+        self.kv_cache = device.zeros(*model.kv_cache_shape(num_blocks + 1, config.block_size),
                                      dtype=model.kv_cache_dtype)
         self.output_counts = device.zeros(config.max_num_seqs, vocab_size, dtype=torch.int32)
         self.prompt_mask = device.zeros(config.max_num_seqs, vocab_size, dtype=torch.bool)
         self.last_sampled = device.zeros(config.max_num_seqs, dtype=torch.int64)
         self.input_batch = InputBatch(config, device)
+        self.graphs = None
+        if device.kind == "cuda" and not config.enforce_eager:
+            self.graphs = DecodeGraphs(model, self.kv_cache, config.max_num_seqs,
+                                       -(-config.max_model_len // config.block_size),
+                                       config.block_size, scratch_block=num_blocks)
 
     def release(self, request_ids: list[str]) -> None:
         self.input_batch.release(request_ids)
@@ -131,8 +138,12 @@ class ModelRunner:
         """Everything the device does in one step; runs in compute-stream order."""
         if inputs.num_gathered:
             inputs.input_ids[inputs.gather_token_idx] = self.last_sampled[inputs.gather_slots]
-        hidden = self.model(inputs.input_ids, inputs.positions, self.kv_cache, inputs.attn)
-        logits = self.model.compute_logits(hidden[inputs.logits_indices])
+        num_rows = inputs.attn.block_tables.shape[0]
+        if self.graphs is not None and self.graphs.fits(inputs, num_rows):
+            logits = self.graphs.run(inputs, num_rows)
+        else:
+            hidden = self.model(inputs.input_ids, inputs.positions, self.kv_cache, inputs.attn)
+            logits = self.model.compute_logits(hidden[inputs.logits_indices])
         if inputs.penalty is not None:
             self._update_penalty_state(inputs)
         out = sample(logits, inputs.sampling, self.output_counts, self.prompt_mask)

@@ -129,3 +129,14 @@ def test_request_id_reused_right_after_finish(target):
     finals = [o for o in outs if o.finished]
     [second_x] = [o for o in finals if o.request_id == "x" and o.prompt_token_ids == [8, 8]]
     assert second_x.token_ids == alone.generate([[8, 8]], long)[0].token_ids
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("async_scheduling", [False, True])
+def test_cuda_graph_decode_matches_eager(async_scheduling):
+    prompts, params = workload(), params_for("mixed_penalties", 10)
+    graphs = LLM(model="oracle", device="cuda", async_scheduling=async_scheduling)
+    eager = LLM(model="oracle", device="cuda", async_scheduling=async_scheduling,
+                enforce_eager=True)
+    assert graphs.engine.runner.graphs is not None
+    assert streams(graphs, prompts, params) == streams(eager, prompts, params)

@@ -36,18 +36,24 @@ DEFAULT_CONFIG = {
 DEFAULT_SEED = 1234
 
 
-def random_llama_weights(config: dict, seed: int, std: float = 0.08) -> dict[str, torch.Tensor]:
+def random_llama_weights(config: dict, seed: int, std: float = 0.08, device: str = "cpu",
+                         dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
     """Hugging Face-named Llama tensors drawn from ``seed`` (norm weights are ones)."""
-    gen = torch.Generator().manual_seed(seed)
+    gen = torch.Generator(device).manual_seed(seed)
     h, inter, vocab = config["hidden_size"], config["intermediate_size"], config["vocab_size"]
     heads, kv_heads = config["num_attention_heads"], config["num_key_value_heads"]
     dim = config.get("head_dim") or h // heads
 
-    def normal(*shape: int) -> torch.Tensor:
-        return torch.randn(*shape, generator=gen) * std
+    def normal(*shape: int, scale: float = std) -> torch.Tensor:
+        return (torch.randn(*shape, generator=gen, device=device) * scale).to(dtype)
 
-    weights = {"model.embed_tokens.weight": torch.randn(vocab, h, generator=gen),
-               "model.norm.weight": torch.ones(h), "lm_head.weight": normal(vocab, h)}
+    def ones(n: int) -> torch.Tensor:
+        return torch.ones(n, device=device, dtype=dtype)
+
+    weights = {"model.embed_tokens.weight": normal(vocab, h, scale=1.0),
+               "model.norm.weight": ones(h)}
+    if not config.get("tie_word_embeddings"):
+        weights["lm_head.weight"] = normal(vocab, h)
     for i in range(config["num_hidden_layers"]):
         p = f"model.layers.{i}."
         weights.update({
@@ -58,8 +64,8 @@ def random_llama_weights(config: dict, seed: int, std: float = 0.08) -> dict[str
             p + "mlp.gate_proj.weight": normal(inter, h),
             p + "mlp.up_proj.weight": normal(inter, h),
             p + "mlp.down_proj.weight": normal(h, inter),
-            p + "input_layernorm.weight": torch.ones(h),
-            p + "post_attention_layernorm.weight": torch.ones(h),
+            p + "input_layernorm.weight": ones(h),
+            p + "post_attention_layernorm.weight": ones(h),
         })
     return weights
 
@@ -67,7 +73,8 @@ def random_llama_weights(config: dict, seed: int, std: float = 0.08) -> dict[str
 def write_checkpoint(directory: Path, config: dict, weights: dict[str, torch.Tensor]) -> None:
     directory.mkdir(parents=True, exist_ok=True)
     (directory / "config.json").write_text(json.dumps(config, indent=2))
-    save_file({k: v.contiguous() for k, v in weights.items()}, str(directory / "model.safetensors"))
+    save_file({k: v.contiguous().cpu() for k, v in weights.items()},
+              str(directory / "model.safetensors"))
 
 
 def default_checkpoint() -> str:
