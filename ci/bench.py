@@ -58,7 +58,7 @@ def prompts(batch: int, length: int = 32, vocab: int = 512) -> list[list[int]]:
 
 
 def engine_tpot(llm: LLM, batch: int, short: int, long: int) -> tuple[float, float]:
-    """(seconds per output token, GPU busy fraction of the long run) at ``batch``."""
+    """(s per output token, GPU busy fraction, mean host ms per phase) of the long run."""
     def run(n: int) -> tuple[float, int, int]:
         params = SamplingParams(temperature=0, max_tokens=n, ignore_eos=True)
         start = time.perf_counter_ns()
@@ -68,7 +68,13 @@ def engine_tpot(llm: LLM, batch: int, short: int, long: int) -> tuple[float, flo
     run(short)  # warm-up
     t_short, _, _ = run(short)
     t_long, start_ns, end_ns = run(long)
-    return (t_long - t_short) / (long - short), llm.engine.timeline.busy_fraction(start_ns, end_ns)
+    timeline = llm.engine.timeline
+    host: dict[str, list[int]] = {}
+    for span in timeline.host_spans:
+        if start_ns <= span.start_ns < end_ns:
+            host.setdefault(span.name, []).append(span.end_ns - span.start_ns)
+    host_ms = {name: sum(d) / len(d) / 1e6 for name, d in host.items()}
+    return (t_long - t_short) / (long - short), timeline.busy_fraction(start_ns, end_ns), host_ms
 
 
 def transformers_tpot(path: str, device: str, batch: int, short: int, long: int) -> float:
@@ -112,8 +118,9 @@ def run_bench(device: str = "cuda", batch_sizes: tuple[int, ...] = (1, 8, 64),
     for batch in batch_sizes:
         row = {"batch": batch}
         for mode, llm in engines.items():
-            tpot, busy = engine_tpot(llm, batch, short, long)
+            tpot, busy, host_ms = engine_tpot(llm, batch, short, long)
             row[f"{mode}_tpot_ms"], row[f"{mode}_gpu_busy"] = tpot * 1e3, busy
+            row[f"{mode}_host_ms"] = host_ms
         if hf_baseline:
             row["transformers_tpot_ms"] = transformers_tpot(str(workdir), device, batch, short,
                                                             long) * 1e3

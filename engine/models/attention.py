@@ -47,9 +47,13 @@ def paged_attention(q: torch.Tensor, cache: torch.Tensor, meta: AttentionMetadat
     kv_heads = cache.shape[3]
     keys = cache[0][meta.block_tables].reshape(num_rows, meta.kv_len, kv_heads, dim)
     values = cache[1][meta.block_tables].reshape(num_rows, meta.kv_len, kv_heads, dim)
-    padded = q.new_zeros(num_rows, meta.q_max, heads, dim)
-    padded[meta.token_rows, meta.token_cols] = q
+    decode = meta.q_max == 1 and q.shape[0] == num_rows  # one token per row: no padding
+    if decode:
+        padded = q[:, None]
+    else:
+        padded = q.new_zeros(num_rows, meta.q_max, heads, dim)
+        padded[meta.token_rows, meta.token_cols] = q
     out = F.scaled_dot_product_attention(
         padded.transpose(1, 2), keys.transpose(1, 2), values.transpose(1, 2),
-        attn_mask=mask, scale=scale, enable_gqa=kv_heads != heads)
-    return out.transpose(1, 2)[meta.token_rows, meta.token_cols]
+        attn_mask=mask, scale=scale, enable_gqa=kv_heads != heads).transpose(1, 2)
+    return out[:, 0] if decode else out[meta.token_rows, meta.token_cols]

@@ -18,10 +18,7 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        dtype = x.dtype
-        x = x.float()
-        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x.to(dtype)
+        return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
 
 
 def rope_inv_freq(cfg: ModelConfig) -> torch.Tensor:
@@ -61,13 +58,16 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: torch.Tensor,
                 meta: AttentionMetadata, mask: torch.Tensor) -> torch.Tensor:
-        q, k, v = self.qkv_proj(x).split(self.splits, dim=-1)
-        q = q.view(-1, self.heads, self.dim)
-        k = k.view(-1, self.kv_heads, self.dim)
-        v = v.view(-1, self.kv_heads, self.dim)
-        if self.q_norm is not None:
-            q, k = self.q_norm(q), self.k_norm(k)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        qkv = self.qkv_proj(x)
+        num_qk = self.heads + self.kv_heads
+        v = qkv[:, num_qk * self.dim:].view(-1, self.kv_heads, self.dim)
+        if self.q_norm is None:  # one rotation for q and k together: fewer kernels per layer
+            qk = apply_rope(qkv[:, :num_qk * self.dim].view(-1, num_qk, self.dim), cos, sin)
+            q, k = qk.split((self.heads, self.kv_heads), dim=1)
+        else:
+            q, k, _ = qkv.split(self.splits, dim=-1)
+            q = apply_rope(self.q_norm(q.view(-1, self.heads, self.dim)), cos, sin)
+            k = apply_rope(self.k_norm(k.view(-1, self.kv_heads, self.dim)), cos, sin)
         write_kv(cache, k, v, meta.slot_mapping)
         out = paged_attention(q, cache, meta, mask, self.dim ** -0.5)
         return self.o_proj(out.reshape(-1, self.heads * self.dim))
