@@ -89,10 +89,13 @@ class EngineCore:
                              f"request")
         self.check_request(prompt_token_ids, sampling_params)
         params = sampling_params
-        seed = params.seed if params.seed is not None else (self.config.seed << 32) | self._num_added
+        if params.seed is not None:
+            key = seed_key(params.seed)
+        else:  # unseeded: a stream of its own, from the engine seed and the arrival index
+            key = seed_key((self.config.seed << 64) | self._num_added, domain=1)
         self._num_added += 1
         self.scheduler.add(Request(
-            request_id, list(prompt_token_ids), params, seed_key(seed), self.eos_token_ids,
+            request_id, list(prompt_token_ids), params, key, self.eos_token_ids,
             logprobs=None if params.logprobs is None else []))
 
     def abort_request(self, request_id: str) -> bool:

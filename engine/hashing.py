@@ -21,12 +21,18 @@ def mix32_int(x: int) -> int:
     return int(mix32(torch.tensor([x & MASK32], dtype=torch.int64))[0])
 
 
-def seed_key(seed: int) -> int:
-    """Fold an arbitrary non-negative seed into a 32-bit key."""
-    key = 0
+def seed_key(seed: int, domain: int = 0) -> int:
+    """Fold a non-negative seed of any size into a 32-bit key.
+
+    Each 32-bit word is mixed with its index, so ``h`` and ``h << 32`` differ; ``domain`` keeps
+    user seeds (0) apart from keys the engine derives for unseeded requests (1).
+    """
+    key = mix32_int(GOLDEN ^ domain)
+    index = 0
     while True:
-        key = mix32_int(key ^ (seed & MASK32))
+        key = mix32_int(key ^ mix32_int((seed & MASK32) + index * GOLDEN))
         seed >>= 32
+        index += 1
         if not seed:
             return key
 

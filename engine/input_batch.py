@@ -177,7 +177,7 @@ class InputBatch:
         ints = [np.array([p.top_k if p.top_k > 0 else 0 for p in params], dtype=np.int64),
                 np.array([r.request.seed for r in rows], dtype=np.int64),
                 np.maximum(out_pos, 0), np.array(slots, dtype=np.int64)]
-        floats = [np.array([p.temperature for p in params]),
+        floats = [np.array([0.0 if p.greedy else p.temperature for p in params]),
                   np.array([p.top_p for p in params]), np.array([p.min_p for p in params]),
                   np.array([p.presence_penalty for p in params]),
                   np.array([p.frequency_penalty for p in params]),

@@ -44,6 +44,9 @@ class LLM:
                  sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
                  ) -> list[RequestOutput]:
         """Run every prompt to completion; outputs come back in prompt order."""
+        if isinstance(prompts, (bytes, bytearray)) or not isinstance(prompts, Sequence):
+            raise ValueError(f"prompts must be a list of prompts (token-id lists or strings), "
+                             f"got {prompts!r}")
         if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
             prompts = [prompts]
         token_prompts = [self._tokenize(i, p) for i, p in enumerate(prompts)]

@@ -1,6 +1,7 @@
 """Sampling parameters (vLLM / OpenAI semantics), validated on construction.
 
-* ``temperature``: 0 means greedy (argmax); otherwise logits are divided by it.
+* ``temperature``: below 1e-5 (0 included) means greedy (argmax), as in vLLM; otherwise logits
+  are divided by it.
 * ``top_k``: keep the k most likely tokens; 0 or -1 keeps all.
 * ``top_p``: keep the smallest set of most likely tokens whose probability sums to at least p.
 * ``min_p``: drop tokens whose probability is below ``min_p`` times the top token's.
@@ -26,6 +27,8 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+
+GREEDY_BELOW = 1e-5  # temperatures under this sample greedily (dividing by them overflows)
 
 
 @dataclass(frozen=True)
@@ -69,7 +72,7 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0.0
+        return self.temperature < GREEDY_BELOW
 
     @property
     def has_penalties(self) -> bool:
