@@ -27,6 +27,8 @@ class EngineConfig:
     enforce_eager: bool = False
     sim_policy: str = "eager"
     kv_cache_memory_fraction: float = 0.5
+    cuda_graph_sizes: tuple[int, ...] | None = None
+    compile_decode: bool = False
 
     def __post_init__(self) -> None:
         if self.model is not None and not isinstance(self.model, str):
@@ -44,7 +46,14 @@ class EngineConfig:
                 _positive_int(name, getattr(self, name))
         if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
             raise ValueError(f"seed must be a non-negative int, got {self.seed!r}")
-        for name in ("async_scheduling", "enforce_eager"):
+        if self.cuda_graph_sizes is not None:
+            sizes = tuple(self.cuda_graph_sizes)
+            if not sizes or any(isinstance(b, bool) or not isinstance(b, int) or
+                                not 0 < b <= self.max_num_seqs for b in sizes):
+                raise ValueError(f"cuda_graph_sizes must be ints in [1, max_num_seqs="
+                                 f"{self.max_num_seqs}], got {self.cuda_graph_sizes!r}")
+            self.cuda_graph_sizes = tuple(sorted(set(sizes)))
+        for name in ("async_scheduling", "enforce_eager", "compile_decode"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be a bool, got {getattr(self, name)!r}")
         if not 0.0 < self.kv_cache_memory_fraction <= 0.95:

@@ -21,11 +21,16 @@ def capture_sizes(max_num_seqs: int) -> list[int]:
 class DecodeGraphs:
     """Captured decode forward passes, one per batch size in ``capture_sizes``."""
 
-    def __init__(self, model: torch.nn.Module, kv_cache: torch.Tensor, max_num_seqs: int,
-                 max_blocks_per_seq: int, block_size: int, scratch_block: int) -> None:
+    def __init__(self, model: torch.nn.Module, kv_cache: torch.Tensor, sizes: list[int],
+                 max_blocks_per_seq: int, block_size: int, scratch_block: int,
+                 compile_forward: bool = False) -> None:
         self.model = model
         self.kv_cache = kv_cache
-        self.sizes = capture_sizes(max_num_seqs)
+        self.sizes = sizes
+        # torch.compile fuses the per-layer elementwise work (norms, RoPE, residuals) that
+        # otherwise costs hundreds of tiny kernels per decode step; one compile per size
+        self._forward_fn = (torch.compile(self._forward, dynamic=False) if compile_forward
+                            else self._forward)
         self.scratch_slot = scratch_block * block_size
         self.kv_len = max_blocks_per_seq * block_size
         dev = kv_cache.device
@@ -53,12 +58,13 @@ class DecodeGraphs:
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):
-            self._forward(self.sizes[-1])  # warm-up: lazy initialisation outside the graph
+            for b in self.sizes:  # warm-up (and compile) outside the graph
+                self._forward_fn(b)
         torch.cuda.current_stream().wait_stream(side)
         for b in reversed(self.sizes):
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph, pool=pool):
-                self.logits[b] = self._forward(b)
+                self.logits[b] = self._forward_fn(b)
             self.graphs[b] = graph
         torch.cuda.synchronize()
 

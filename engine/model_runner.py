@@ -6,7 +6,7 @@ from dataclasses import dataclass
 import torch
 
 from .config import EngineConfig
-from .cuda_graphs import DecodeGraphs
+from .cuda_graphs import DecodeGraphs, capture_sizes
 from .device import Device
 from .input_batch import InputBatch, StepInputs
 from .sampler import SamplerOutput, sample
@@ -114,9 +114,11 @@ class ModelRunner:
         self.input_batch = InputBatch(config, device)
         self.graphs = None
         if device.kind == "cuda" and not config.enforce_eager:
-            self.graphs = DecodeGraphs(model, self.kv_cache, config.max_num_seqs,
+            sizes = list(config.cuda_graph_sizes or capture_sizes(config.max_num_seqs))
+            self.graphs = DecodeGraphs(model, self.kv_cache, sizes,
                                        -(-config.max_model_len // config.block_size),
-                                       config.block_size, scratch_block=num_blocks)
+                                       config.block_size, scratch_block=num_blocks,
+                                       compile_forward=config.compile_decode)
 
     def release(self, request_ids: list[str]) -> None:
         self.input_batch.release(request_ids)
