@@ -96,8 +96,7 @@ def transformers_tpot(path: str, device: str, batch: int, short: int, long: int)
 
 def run_bench(device: str = "cuda", batch_sizes: tuple[int, ...] = (1, 8, 64),
               shape: str = "llama-3.2-1b", short: int = 32, long: int = 160,
-              out: str | None = None, hf_baseline: bool = True,
-              compile_decode: bool = False) -> dict:
+              out: str | None = None, hf_baseline: bool = True) -> dict:
     config = LLAMA_3_2_1B if shape == "llama-3.2-1b" else TINY
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     workdir = Path(tempfile.mkdtemp(prefix="lockstep-bench-"))
@@ -108,7 +107,6 @@ def run_bench(device: str = "cuda", batch_sizes: tuple[int, ...] = (1, 8, 64),
     floor_s = weight_bytes / bandwidth
     results = {"device": torch.cuda.get_device_name() if device == "cuda" else "cpu",
                "date": time.strftime("%Y-%m-%d"), "shape": shape, "dtype": str(dtype)[6:],
-               "compile_decode": compile_decode,
                "weight_bytes": weight_bytes,
                "copy_bandwidth_GBps": bandwidth / 1e9, "hbm_floor_ms": floor_s * 1e3, "rows": []}
     print(f"weights {weight_bytes / 1e9:.2f} GB, copy bandwidth {bandwidth / 1e9:.0f} GB/s "
@@ -116,8 +114,7 @@ def run_bench(device: str = "cuda", batch_sizes: tuple[int, ...] = (1, 8, 64),
     engines = {mode: LLM(model=str(workdir), device=device, dtype=dtype,
                          async_scheduling=mode == "async", max_num_seqs=max(batch_sizes),
                          max_model_len=1024, max_num_batched_tokens=4096,
-                         cuda_graph_sizes=batch_sizes if device == "cuda" else None,
-                         compile_decode=compile_decode)
+                         cuda_graph_sizes=batch_sizes if device == "cuda" else None)
                for mode in ("sync", "async")}
     for batch in batch_sizes:
         row = {"batch": batch}
@@ -139,8 +136,7 @@ def run_bench(device: str = "cuda", batch_sizes: tuple[int, ...] = (1, 8, 64),
 
 
 def _print_table(r: dict) -> None:
-    print(f"\n{r['date']} {r['device']} ({r['shape']}, {r['dtype']} random weights, "
-          f"compile_decode={r['compile_decode']}); "
+    print(f"\n{r['date']} {r['device']} ({r['shape']}, {r['dtype']} random weights); "
           f"HBM floor {r['hbm_floor_ms']:.3f} ms")
     print("| batch | sync TPOT ms | async TPOT ms | async speed-up | async / floor "
           "| GPU busy sync | GPU busy async | transformers TPOT ms |")

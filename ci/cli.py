@@ -21,8 +21,6 @@ def main(argv: list[str] | None = None) -> int:
     bench.add_argument("--no-transformers", action="store_true",
                        help="skip the transformers generate baseline")
     bench.add_argument("--out", default=None, help="write the results as JSON here")
-    bench.add_argument("--compile", action="store_true",
-                       help="torch.compile the captured decode forward")
     args = parser.parse_args(argv)
     if args.command == "gate":
         from .gate import run_gate
@@ -30,7 +28,7 @@ def main(argv: list[str] | None = None) -> int:
     from .bench import run_bench
     run_bench(device=args.device, batch_sizes=tuple(int(b) for b in args.batch_sizes.split(",")),
               shape=args.shape, short=args.short, long=args.long, out=args.out,
-              hf_baseline=not args.no_transformers, compile_decode=args.compile)
+              hf_baseline=not args.no_transformers)
     return 0
 
 

@@ -28,7 +28,6 @@ class EngineConfig:
     sim_policy: str = "eager"
     kv_cache_memory_fraction: float = 0.5
     cuda_graph_sizes: tuple[int, ...] | None = None
-    compile_decode: bool = False
 
     def __post_init__(self) -> None:
         if self.model is not None and not isinstance(self.model, str):
@@ -53,7 +52,7 @@ class EngineConfig:
                 raise ValueError(f"cuda_graph_sizes must be ints in [1, max_num_seqs="
                                  f"{self.max_num_seqs}], got {self.cuda_graph_sizes!r}")
             self.cuda_graph_sizes = tuple(sorted(set(sizes)))
-        for name in ("async_scheduling", "enforce_eager", "compile_decode"):
+        for name in ("async_scheduling", "enforce_eager"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be a bool, got {getattr(self, name)!r}")
         if not 0.0 < self.kv_cache_memory_fraction <= 0.95:

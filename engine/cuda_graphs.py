@@ -22,15 +22,10 @@ class DecodeGraphs:
     """Captured decode forward passes, one per batch size in ``capture_sizes``."""
 
     def __init__(self, model: torch.nn.Module, kv_cache: torch.Tensor, sizes: list[int],
-                 max_blocks_per_seq: int, block_size: int, scratch_block: int,
-                 compile_forward: bool = False) -> None:
+                 max_blocks_per_seq: int, block_size: int, scratch_block: int) -> None:
         self.model = model
         self.kv_cache = kv_cache
         self.sizes = sizes
-        # torch.compile fuses the per-layer elementwise work (norms, RoPE, residuals) that
-        # otherwise costs hundreds of tiny kernels per decode step; one compile per size
-        self._forward_fn = (torch.compile(self._forward, dynamic=False) if compile_forward
-                            else self._forward)
         self.scratch_slot = scratch_block * block_size
         self.kv_len = max_blocks_per_seq * block_size
         dev = kv_cache.device
@@ -58,13 +53,13 @@ class DecodeGraphs:
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):
-            for b in self.sizes:  # warm-up (and compile) outside the graph
-                self._forward_fn(b)
+            for b in self.sizes:  # warm-up: lazy initialisation outside the graph
+                self._forward(b)
         torch.cuda.current_stream().wait_stream(side)
         for b in reversed(self.sizes):
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph, pool=pool):
-                self.logits[b] = self._forward_fn(b)
+                self.logits[b] = self._forward(b)
             self.graphs[b] = graph
         torch.cuda.synchronize()
 

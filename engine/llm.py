@@ -31,14 +31,13 @@ class LLM:
                  block_size: int = 16, num_kv_blocks: int | None = None, max_num_seqs: int = 32,
                  max_num_batched_tokens: int = 1024, max_model_len: int | None = None,
                  seed: int = 0, enforce_eager: bool = False, sim_policy: str = "eager",
-                 cuda_graph_sizes: Sequence[int] | None = None,
-                 compile_decode: bool = False) -> None:
+                 cuda_graph_sizes: Sequence[int] | None = None) -> None:
         self.config = EngineConfig(
             model=model, device=device, dtype=dtype, async_scheduling=async_scheduling,
             block_size=block_size, num_kv_blocks=num_kv_blocks, max_num_seqs=max_num_seqs,
             max_num_batched_tokens=max_num_batched_tokens, max_model_len=max_model_len,
             seed=seed, enforce_eager=enforce_eager, sim_policy=sim_policy,
-            cuda_graph_sizes=cuda_graph_sizes, compile_decode=compile_decode)
+            cuda_graph_sizes=cuda_graph_sizes)
         self.engine = EngineCore(self.config)
         self.tokenizer = load_tokenizer(model)
         self._num_generate_calls = 0

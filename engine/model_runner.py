@@ -117,8 +117,7 @@ class ModelRunner:
             sizes = list(config.cuda_graph_sizes or capture_sizes(config.max_num_seqs))
             self.graphs = DecodeGraphs(model, self.kv_cache, sizes,
                                        -(-config.max_model_len // config.block_size),
-                                       config.block_size, scratch_block=num_blocks,
-                                       compile_forward=config.compile_decode)
+                                       config.block_size, scratch_block=num_blocks)
 
     def release(self, request_ids: list[str]) -> None:
         self.input_batch.release(request_ids)

@@ -141,11 +141,3 @@ def test_cuda_graph_decode_matches_eager(async_scheduling):
     assert graphs.engine.runner.graphs is not None
     assert streams(graphs, prompts, params) == streams(eager, prompts, params)
 
-
-@pytest.mark.gpu
-def test_compiled_cuda_graph_decode_matches_eager():
-    prompts, params = workload(4), params_for("mixed_penalties", 4)
-    compiled = LLM(model="oracle", device="cuda", async_scheduling=True, max_num_seqs=4,
-                   cuda_graph_sizes=[4], compile_decode=True)
-    eager = LLM(model="oracle", device="cuda", enforce_eager=True, max_num_seqs=4)
-    assert streams(compiled, prompts, params) == streams(eager, prompts, params)
