@@ -88,6 +88,9 @@ def run_gate(model: str | None = None, device: str = "cpu") -> int:
         except AssertionError as e:
             detail, status = str(e) or "assertion failed", "FAIL"
             failures += 1
+        except Exception as e:  # a crash is a failure of that check, not of the gate
+            detail, status = f"{type(e).__name__}: {e}", "FAIL"
+            failures += 1
         print(f"  {status}  {check.__name__:<32} {time.perf_counter() - start:6.2f}s  {detail}")
     print("gate: " + ("FAILED" if failures else "passed") + f" ({len(CHECKS) - failures}/{len(CHECKS)})")
     return 1 if failures else 0
