@@ -55,11 +55,6 @@ class Request:
     def is_finished(self) -> bool:
         return self.status is RequestStatus.FINISHED
 
-    def token_id(self, position: int) -> int:
-        """The id at ``position`` of prompt + output (must be known on the host)."""
-        n = len(self.prompt_token_ids)
-        return self.prompt_token_ids[position] if position < n else self.output_token_ids[position - n]
-
     def stop_reason_for(self, token: int) -> str | None:
         """The finish reason after appending ``token`` to the output, or None to go on."""
         params = self.sampling_params
