@@ -41,12 +41,14 @@ def write_kv(cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slots: torch
 
 def paged_attention(q: torch.Tensor, cache: torch.Tensor, meta: AttentionMetadata,
                     mask: torch.Tensor, scale: float) -> torch.Tensor:
-    """Attention of flat queries ``[T, H, D]`` over the paged cache; returns ``[T, H, D]``."""
+    """Attention of flat queries ``[T, H, D]`` over the paged cache; returns ``[T, H, D]``.
+
+    ``mask`` is boolean or additive, broadcastable to ``[B, H, q_max, kv_len]``.
+    """
     num_rows = meta.block_tables.shape[0]
     heads, dim = q.shape[1], q.shape[2]
     kv_heads = cache.shape[3]
-    keys = cache[0][meta.block_tables].reshape(num_rows, meta.kv_len, kv_heads, dim)
-    values = cache[1][meta.block_tables].reshape(num_rows, meta.kv_len, kv_heads, dim)
+    keys, values = cache[:, meta.block_tables].reshape(2, num_rows, meta.kv_len, kv_heads, dim)
     decode = meta.q_max == 1 and q.shape[0] == num_rows  # one token per row: no padding
     if decode:
         padded = q[:, None]
