@@ -43,7 +43,7 @@ def paged_attention(q: torch.Tensor, cache: torch.Tensor, meta: AttentionMetadat
                     mask: torch.Tensor, scale: float) -> torch.Tensor:
     """Attention of flat queries ``[T, H, D]`` over the paged cache; returns ``[T, H, D]``.
 
-    ``mask`` is boolean or additive, broadcastable to ``[B, H, q_max, kv_len]``.
+    ``mask`` is boolean (True = visible), broadcastable to ``[B, H, q_max, kv_len]``.
     """
     num_rows = meta.block_tables.shape[0]
     heads, dim = q.shape[1], q.shape[2]

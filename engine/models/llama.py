@@ -129,9 +129,7 @@ class LlamaForCausalLM(nn.Module):
         sin = emb.sin()
         sin[..., :half].neg_()
         cos, sin = emb.cos().to(x.dtype), sin.to(x.dtype)
-        hidden_keys = ~meta.visible()  # an additive mask, built once for all layers
-        mask = torch.zeros(hidden_keys.shape, dtype=x.dtype, device=x.device).masked_fill_(
-            hidden_keys, float("-inf"))
+        mask = meta.visible()
         for layer, cache in zip(self.layers, kv_cache):
             x = layer(x, cos, sin, cache, meta, mask)
         return self.norm(x)
