@@ -48,7 +48,9 @@ def paged_attention(q: torch.Tensor, cache: torch.Tensor, meta: AttentionMetadat
     num_rows = meta.block_tables.shape[0]
     heads, dim = q.shape[1], q.shape[2]
     kv_heads = cache.shape[3]
-    keys, values = cache[:, meta.block_tables].reshape(2, num_rows, meta.kv_len, kv_heads, dim)
+    # gather each of K and V on its leading dim: a single gather over dim 1 is ~2x slower
+    keys = cache[0][meta.block_tables].reshape(num_rows, meta.kv_len, kv_heads, dim)
+    values = cache[1][meta.block_tables].reshape(num_rows, meta.kv_len, kv_heads, dim)
     decode = meta.q_max == 1 and q.shape[0] == num_rows  # one token per row: no padding
     if decode:
         padded = q[:, None]
