@@ -27,10 +27,11 @@ def apply_penalties(logits: torch.Tensor, s: SamplingInputs, output_counts: torc
                     prompt_mask: torch.Tensor) -> torch.Tensor:
     """Repetition (prompt + output), frequency and presence (output) penalties, vLLM semantics."""
     counts = output_counts[s.slots].to(logits.dtype)
-    seen = prompt_mask[s.slots] | (counts > 0)
+    present = counts > 0
     rep = s.repetition[:, None]
+    seen = prompt_mask[s.slots] | present
     logits = torch.where(seen, torch.where(logits > 0, logits / rep, logits * rep), logits)
-    return logits - s.frequency[:, None] * counts - s.presence[:, None] * (counts > 0)
+    return logits - s.frequency[:, None] * counts - s.presence[:, None] * present
 
 
 def filter_top_k_top_p_min_p(logits: torch.Tensor, s: SamplingInputs) -> torch.Tensor:
