@@ -135,7 +135,8 @@ class EngineCore:
             return False
         self.num_steps = step
         try:
-            pending = self.runner.execute_model(sched, self.kv.block_tables, step)
+            with self.device.step_scope():
+                pending = self.runner.execute_model(sched, self.kv.block_tables, step)
         except Exception as exc:  # one bad step must not take the engine down
             logger.exception("step %d failed to launch", self.num_steps)
             self._pending_outputs += self._fail(sched, exc)

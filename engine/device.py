@@ -9,9 +9,9 @@ data and a host write to a staging buffer before its copy ran changes what the d
 """
 from __future__ import annotations
 
-from typing import Any, Callable, Protocol
+from contextlib import contextmanager
+from typing import Any, Callable, Iterator, Protocol
 
-import numpy as np
 import torch
 
 
@@ -31,12 +31,34 @@ class Device:
         self.compute = torch.cuda.current_stream()
         self.copy = torch.cuda.Stream()
 
+    @contextmanager
+    def step_scope(self) -> Iterator[None]:
+        """Make the compute stream current (and autograd off) for one engine step.
+
+        Inside it, work for the compute stream is issued without switching streams again: one
+        stream switch per step instead of one per launch or copy.
+        """
+        with torch.cuda.stream(self.compute), torch.inference_mode():
+            self._in_scope = True
+            try:
+                yield
+            finally:
+                self._in_scope = False
+
+    _in_scope = False
+
     def launch(self, stream: Any, fn: Callable[..., None], *args: Any) -> None:
         """Run device work ``fn(*args)`` in stream order on ``stream``."""
+        if stream is self.compute and self._in_scope:
+            fn(*args)
+            return
         with torch.cuda.stream(stream), torch.inference_mode():
             fn(*args)
 
     def copy_async(self, dst: torch.Tensor, src: torch.Tensor, stream: Any) -> None:
+        if stream is self.compute and self._in_scope:
+            dst.copy_(src, non_blocking=True)
+            return
         with torch.cuda.stream(stream):
             dst.copy_(src, non_blocking=True)
 
@@ -78,7 +100,7 @@ def make_device(kind: str, sim_policy: str = "eager", seed: int = 0) -> Device:
 class HostBuffer:
     """A host staging buffer (pinned on CUDA) and its device twin.
 
-    ``stage`` packs several arrays into the host side, issues one async copy on the compute
+    ``stage`` packs several lists into the host side, issues one async copy on the compute
     stream and returns device views, one per array. The host must not rewrite the buffer until
     that copy ran: the caller fences on ``copied``, the event recorded after the copy.
     """
@@ -95,18 +117,23 @@ class HostBuffer:
         self.host_np = self.host.numpy()
         self.dev = self.device.zeros(numel, dtype=self.dtype)
 
-    def stage(self, arrays: list[np.ndarray]) -> list[torch.Tensor]:
-        sizes = [a.size for a in arrays]
-        total = sum(sizes)
+    def stage(self, parts: list) -> tuple[torch.Tensor, ...]:
+        """Pack ``parts`` (sequences of numbers) and ship them in one copy.
+
+        Returns one device view per part, in order.
+        """
+        sizes = [len(p) for p in parts]
+        flat: list = []
+        for part in parts:
+            flat.extend(part)
+        total = len(flat)
         if total > self.host.numel():
             self._allocate(max(total, 2 * self.host.numel()))
-        offsets = np.cumsum([0] + sizes)
-        for a, lo, hi in zip(arrays, offsets[:-1], offsets[1:]):
-            self.host_np[lo:hi] = a.reshape(-1)
+        self.host_np[:total] = flat
         stream = self.device.compute
         self.device.copy_async(self.dev[:total], self.host[:total], stream)
         self.copied = self.device.record(stream)
-        return [self.dev[lo:hi] for lo, hi in zip(offsets[:-1], offsets[1:])]
+        return self.dev[:total].split(sizes)
 
     def fence(self) -> None:
         """Input-prep fence: wait until the last staged copy has read the host side."""

@@ -20,7 +20,8 @@ import threading
 import time
 import weakref
 from collections import deque
-from typing import Any, Callable
+from contextlib import contextmanager
+from typing import Any, Callable, Iterator
 
 import torch
 
@@ -131,6 +132,10 @@ class SimDevice(Device):
         self.pin_memory = False
         self.compute = SimStream(self, "compute")
         self.copy = SimStream(self, "copy")
+
+    @contextmanager
+    def step_scope(self) -> Iterator[None]:
+        yield  # work runs later on stream queues; ``launch`` enters inference mode there
 
     def launch(self, stream: SimStream, fn: Callable[..., None], *args: Any) -> None:
         def run() -> None:

@@ -5,13 +5,19 @@ column = index of the token within the request's chunk); every row's keys and va
 from the paged cache through its block table into ``[B, kv_len]``. A key at position j is visible
 to a query at position p when j <= p, which is causal attention within the chunk and full attention
 over the cached prefix. All shapes are known on the host, so nothing here syncs.
+
+On CUDA with Triton, decode-only batches take :mod:`engine.kernels.decode_attention` instead,
+which reads each row's own blocks in place.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
+
+from ..kernels import use_triton
+from ..kernels.decode_attention import decode_attention
 
 
 @dataclass
@@ -25,33 +31,37 @@ class AttentionMetadata:
     query_positions: torch.Tensor  # [B, q_max] absolute position of each padded query
     q_max: int
     kv_len: int
+    _mask: torch.Tensor | None = field(default=None, repr=False)
 
     def visible(self) -> torch.Tensor:
-        """[B, 1, q_max, kv_len] bool: which cached keys each padded query may attend to."""
-        keys = torch.arange(self.kv_len, device=self.query_positions.device)
-        return (keys[None, None, :] <= self.query_positions[:, :, None]).unsqueeze(1)
+        """[B, 1, q_max, kv_len] bool: which cached keys each padded query may attend to.
 
-
-def write_kv(cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slots: torch.Tensor) -> None:
-    """Store new keys/values ``[T, H_kv, D]`` at flat ``slots`` of ``cache[2, N, bs, H_kv, D]``."""
-    flat = cache.view(2, -1, *cache.shape[3:])
-    flat[0].index_copy_(0, slots, k)
-    flat[1].index_copy_(0, slots, v)
+        Built on first use and shared by every layer of the step.
+        """
+        if self._mask is None:
+            keys = torch.arange(self.kv_len, device=self.query_positions.device)
+            self._mask = (keys[None, None, :] <= self.query_positions[:, :, None]).unsqueeze(1)
+        return self._mask
 
 
 def paged_attention(q: torch.Tensor, cache: torch.Tensor, meta: AttentionMetadata,
-                    mask: torch.Tensor, scale: float) -> torch.Tensor:
-    """Attention of flat queries ``[T, H, D]`` over the paged cache; returns ``[T, H, D]``.
+                    scale: float) -> torch.Tensor:
+    """Attention of flat queries ``[T, H, D]`` over the paged cache; returns ``[T, H, D]``."""
+    if meta.q_max == 1 and q.shape[0] == meta.block_tables.shape[0] and use_triton(q):
+        return decode_attention(q, cache, meta.block_tables, meta.query_positions, scale)
+    return torch_paged_attention(q, cache, meta, scale)
 
-    ``mask`` is boolean (True = visible), broadcastable to ``[B, H, q_max, kv_len]``.
-    """
+
+def torch_paged_attention(q: torch.Tensor, cache: torch.Tensor, meta: AttentionMetadata,
+                          scale: float) -> torch.Tensor:
+    """The plain-torch path: gather each row's keys and values, then masked SDPA."""
     num_rows = meta.block_tables.shape[0]
     heads, dim = q.shape[1], q.shape[2]
     kv_heads = cache.shape[3]
+    decode = meta.q_max == 1 and q.shape[0] == num_rows  # one token per row: no padding
     # gather each of K and V on its leading dim: a single gather over dim 1 is ~2x slower
     keys = cache[0][meta.block_tables].reshape(num_rows, meta.kv_len, kv_heads, dim)
     values = cache[1][meta.block_tables].reshape(num_rows, meta.kv_len, kv_heads, dim)
-    decode = meta.q_max == 1 and q.shape[0] == num_rows  # one token per row: no padding
     if decode:
         padded = q[:, None]
     else:
@@ -59,5 +69,5 @@ def paged_attention(q: torch.Tensor, cache: torch.Tensor, meta: AttentionMetadat
         padded[meta.token_rows, meta.token_cols] = q
     out = F.scaled_dot_product_attention(
         padded.transpose(1, 2), keys.transpose(1, 2), values.transpose(1, 2),
-        attn_mask=mask, scale=scale, enable_gqa=kv_heads != heads).transpose(1, 2)
+        attn_mask=meta.visible(), scale=scale, enable_gqa=kv_heads != heads).transpose(1, 2)
     return out[:, 0] if decode else out[meta.token_rows, meta.token_cols]

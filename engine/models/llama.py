@@ -7,18 +7,27 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .attention import AttentionMetadata, paged_attention, write_kv
+from ..kernels.rms_norm import add_rms_norm
+from ..kernels.rope_kv import rope_and_cache
+from ..kernels.silu_mul import silu_mul
+from .attention import AttentionMetadata, paged_attention
 from .config import ModelConfig
 
 
 class RMSNorm(nn.Module):
+    """RMSNorm of the residual stream plus ``residual`` (added first, when given).
+
+    Returns the normed tensor and the new residual stream (``x + residual``).
+    """
+
     def __init__(self, dim: int, eps: float) -> None:
         super().__init__()
         self.weight = nn.Parameter(torch.ones(dim))
         self.eps = eps
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None,
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+        return add_rms_norm(x, residual, self.weight, self.eps)
 
 
 def rope_inv_freq(cfg: ModelConfig) -> torch.Tensor:
@@ -38,14 +47,6 @@ def rope_inv_freq(cfg: ModelConfig) -> torch.Tensor:
     return torch.where(medium, smoothed, scaled)
 
 
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
-    """Rotate-half RoPE on ``[T, H, D]``; ``signed_sin`` is ``sin`` with its first half negated.
-
-    ``rotate_half(x) * sin == roll(x, D/2) * signed_sin``: three kernels instead of five.
-    """
-    return torch.addcmul(x * cos, torch.roll(x, x.shape[-1] // 2, dims=-1), signed_sin)
-
-
 class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
@@ -55,22 +56,14 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(q_size, cfg.hidden_size, bias=cfg.o_bias)
         self.q_norm = RMSNorm(self.dim, cfg.rms_norm_eps) if cfg.qk_norm else None
         self.k_norm = RMSNorm(self.dim, cfg.rms_norm_eps) if cfg.qk_norm else None
-        self.splits = (q_size, kv_size, kv_size)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: torch.Tensor,
-                meta: AttentionMetadata, mask: torch.Tensor) -> torch.Tensor:
-        qkv = self.qkv_proj(x)
-        num_qk = self.heads + self.kv_heads
-        v = qkv[:, num_qk * self.dim:].view(-1, self.kv_heads, self.dim)
-        if self.q_norm is None:  # one rotation for q and k together: fewer kernels per layer
-            qk = apply_rope(qkv[:, :num_qk * self.dim].view(-1, num_qk, self.dim), cos, sin)
-            q, k = qk.split((self.heads, self.kv_heads), dim=1)
-        else:
-            q, k, _ = qkv.split(self.splits, dim=-1)
-            q = apply_rope(self.q_norm(q.view(-1, self.heads, self.dim)), cos, sin)
-            k = apply_rope(self.k_norm(k.view(-1, self.kv_heads, self.dim)), cos, sin)
-        write_kv(cache, k, v, meta.slot_mapping)
-        out = paged_attention(q, cache, meta, mask, self.dim ** -0.5)
+                meta: AttentionMetadata) -> torch.Tensor:
+        norms = {} if self.q_norm is None else dict(
+            q_norm=self.q_norm.weight, k_norm=self.k_norm.weight, eps=self.q_norm.eps)
+        q = rope_and_cache(self.qkv_proj(x), cos, sin, cache, meta.slot_mapping, self.heads,
+                           self.kv_heads, self.dim, **norms)
+        out = paged_attention(q, cache, meta, self.dim ** -0.5)
         return self.o_proj(out.reshape(-1, self.heads * self.dim))
 
 
@@ -82,8 +75,7 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(self.inter, cfg.hidden_size, bias=cfg.mlp_bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up_proj(x).split(self.inter, dim=-1)
-        return self.down_proj(F.silu(gate) * up)
+        return self.down_proj(silu_mul(self.gate_up_proj(x)))
 
 
 class DecoderLayer(nn.Module):
@@ -94,9 +86,12 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = MLP(cfg)
 
-    def forward(self, x, cos, sin, cache, meta, mask):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, cache, meta, mask)
-        return x + self.mlp(self.post_attention_layernorm(x))
+    def forward(self, x, residual, cos, sin, cache, meta):
+        """Sublayer output ``x`` of the previous layer and the residual stream before it."""
+        h, residual = self.input_layernorm(x, residual)
+        x = self.self_attn(h, cos, sin, cache, meta)
+        h, residual = self.post_attention_layernorm(x, residual)
+        return self.mlp(h), residual
 
 
 class LlamaForCausalLM(nn.Module):
@@ -123,16 +118,11 @@ class LlamaForCausalLM(nn.Module):
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_cache: torch.Tensor,
                 meta: AttentionMetadata) -> torch.Tensor:
         freqs = positions.float()[:, None] * self.inv_freq[None, :]
-        emb = torch.cat((freqs, freqs), dim=-1)[:, None, :]
-        x = self.embed_tokens(input_ids)
-        half = freqs.shape[-1]
-        sin = emb.sin()
-        sin[..., :half].neg_()
-        cos, sin = emb.cos().to(x.dtype), sin.to(x.dtype)
-        mask = meta.visible()
+        cos, sin = freqs.cos(), freqs.sin()
+        x, residual = self.embed_tokens(input_ids), None
         for layer, cache in zip(self.layers, kv_cache):
-            x = layer(x, cos, sin, cache, meta, mask)
-        return self.norm(x)
+            x, residual = layer(x, residual, cos, sin, cache, meta)
+        return self.norm(x, residual)[0]
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         weight = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight

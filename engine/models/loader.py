@@ -34,7 +34,7 @@ def load_checkpoint(path: str, dtype: torch.dtype, device: torch.device) -> Llam
         model = LlamaForCausalLM(cfg)
     model = model.to_empty(device=device).to(dtype)
     model.load_state_dict(_read_state_dict(files, cfg, dtype), strict=True, assign=False)
-    model.inv_freq.copy_(rope_inv_freq(cfg))
+    model.inv_freq = rope_inv_freq(cfg).to(device)  # float32, whatever the weights' dtype
     return model.eval()
 
 

@@ -1,0 +1,95 @@
+"""The Triton kernels agree with the torch versions that sim/cpu run (GPU only)."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from engine.kernels import rms_norm, rope_kv, silu_mul
+from engine.kernels.decode_attention import decode_attention
+from engine.models.attention import AttentionMetadata, torch_paged_attention
+
+pytestmark = pytest.mark.gpu
+pytest.importorskip("triton")
+
+DTYPES = [torch.float32, torch.bfloat16]
+
+
+def tolerance(dtype):
+    # float32: the two differ by float32 rounding only; bfloat16: by at most one or two ulps
+    return dict(atol=1e-5, rtol=1e-5) if dtype == torch.float32 else dict(atol=2e-2, rtol=2e-2)
+
+
+@pytest.fixture(autouse=True)
+def seeded():
+    torch.manual_seed(0)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("with_residual", [False, True])
+def test_add_rms_norm(dtype, with_residual):
+    x = torch.randn(7, 2048, dtype=dtype, device="cuda")
+    residual = torch.randn_like(x) if with_residual else None
+    w = torch.randn(2048, dtype=dtype, device="cuda")
+    expected = rms_norm.add_rms_norm(x.cpu(), None if residual is None else residual.cpu(),
+                                     w.cpu(), 1e-5)
+    out, new_residual = rms_norm.add_rms_norm(x, residual, w, 1e-5)
+    torch.testing.assert_close(out.cpu(), expected[0], **tolerance(dtype))
+    torch.testing.assert_close(new_residual.cpu(), expected[1], **tolerance(dtype))
+    if with_residual:
+        assert new_residual.data_ptr() == residual.data_ptr()  # updated in place
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_silu_mul(dtype):
+    gate_up = torch.randn(5, 2 * 3000, dtype=dtype, device="cuda")  # 3000: not a block multiple
+    torch.testing.assert_close(silu_mul.silu_mul(gate_up).cpu(),
+                               silu_mul.silu_mul(gate_up.cpu()), **tolerance(dtype))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("qk_norm", [False, True])
+@pytest.mark.parametrize("dim", [64, 80])
+def test_rope_and_cache(dtype, qk_norm, dim):
+    heads, kv_heads, tokens, block_size, blocks = 8, 2, 6, 4, 10
+    qkv = torch.randn(tokens, (heads + 2 * kv_heads) * dim, dtype=dtype, device="cuda")
+    positions = torch.tensor([0, 3, 7, 8, 2, 1000], device="cuda")
+    inv_freq = 1.0 / (10000 ** (torch.arange(0, dim, 2, device="cuda").float() / dim))
+    freqs = positions.float()[:, None] * inv_freq
+    slots = torch.tensor([5, 0, 17, 33, 9, 21], device="cuda")
+    norms = {} if not qk_norm else dict(q_norm=torch.randn(dim, dtype=dtype, device="cuda"),
+                                        k_norm=torch.randn(dim, dtype=dtype, device="cuda"))
+    cache = torch.zeros(2, blocks, block_size, kv_heads, dim, dtype=dtype, device="cuda")
+    expected_cache = cache.clone()
+    args = (freqs.cos(), freqs.sin())
+    expected_q = rope_kv._rope_and_cache_torch(qkv, *args, expected_cache, slots, heads,
+                                               kv_heads, dim, norms.get("q_norm"),
+                                               norms.get("k_norm"), 1e-6)
+    q = rope_kv.rope_and_cache(qkv, *args, cache, slots, heads, kv_heads, dim, eps=1e-6,
+                               **norms)
+    torch.testing.assert_close(q, expected_q, **tolerance(dtype))
+    torch.testing.assert_close(cache, expected_cache, **tolerance(dtype))
+    assert cache.abs().sum() > 0
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("heads,kv_heads,dim", [(32, 8, 64), (4, 4, 128), (12, 2, 80)])
+def test_decode_attention_matches_gather_and_sdpa(dtype, heads, kv_heads, dim):
+    block_size, num_blocks, max_blocks = 16, 64, 12
+    cache = torch.randn(2, num_blocks, block_size, kv_heads, dim, dtype=dtype, device="cuda")
+    # rows of length 1, a partial block, exactly one block, and a long scattered table
+    positions = torch.tensor([0, 9, 15, 180], device="cuda")
+    tables = torch.randperm(num_blocks, device="cuda")[:4 * max_blocks].view(4, max_blocks)
+    q = torch.randn(4, heads, dim, dtype=dtype, device="cuda")
+    meta = AttentionMetadata(positions, tables, torch.arange(4, device="cuda"),
+                             torch.zeros(4, dtype=torch.long, device="cuda"), positions[:, None],
+                             1, max_blocks * block_size)
+    expected = torch_paged_attention(q, cache, meta, dim ** -0.5)
+    out = decode_attention(q, cache, tables, positions[:, None], dim ** -0.5)
+    torch.testing.assert_close(out, expected, **tolerance(dtype))
+    # keys past a row's position are never read: poisoning them changes nothing
+    poisoned = cache.clone()
+    for row, pos in enumerate(positions.tolist()):
+        for j in range(pos + 1, max_blocks * block_size):
+            poisoned[:, tables[row, j // block_size], j % block_size] = float("nan")
+    torch.testing.assert_close(decode_attention(q, poisoned, tables, positions[:, None],
+                                                dim ** -0.5), out, atol=0, rtol=0)
