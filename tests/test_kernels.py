@@ -73,23 +73,27 @@ def test_rope_and_cache(dtype, qk_norm, dim):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("heads,kv_heads,dim", [(32, 8, 64), (4, 4, 128), (12, 2, 80)])
-def test_decode_attention_matches_gather_and_sdpa(dtype, heads, kv_heads, dim):
-    block_size, num_blocks, max_blocks = 16, 64, 12
+@pytest.mark.parametrize("rows", [4, 40])  # keys split across programs, and not
+def test_decode_attention_matches_gather_and_sdpa(dtype, heads, kv_heads, dim, rows):
+    block_size, max_blocks = 16, 12
+    num_blocks = rows * max_blocks
     cache = torch.randn(2, num_blocks, block_size, kv_heads, dim, dtype=dtype, device="cuda")
-    # rows of length 1, a partial block, exactly one block, and a long scattered table
-    positions = torch.tensor([0, 9, 15, 180], device="cuda")
-    tables = torch.randperm(num_blocks, device="cuda")[:4 * max_blocks].view(4, max_blocks)
-    q = torch.randn(4, heads, dim, dtype=dtype, device="cuda")
-    meta = AttentionMetadata(positions, tables, torch.arange(4, device="cuda"),
-                             torch.zeros(4, dtype=torch.long, device="cuda"), positions[:, None],
-                             1, max_blocks * block_size)
+    # rows of length 1, a partial block, exactly one block, and long scattered tables
+    positions = torch.tensor(([0, 9, 15, 180] * rows)[:rows], device="cuda")
+    positions[4:] = torch.randint(0, max_blocks * block_size, (rows - 4,), device="cuda")
+    tables = torch.randperm(num_blocks, device="cuda").view(rows, max_blocks)
+    q = torch.randn(rows, heads, dim, dtype=dtype, device="cuda")
+    meta = AttentionMetadata(positions, tables, torch.arange(rows, device="cuda"),
+                             torch.zeros(rows, dtype=torch.long, device="cuda"),
+                             positions[:, None], 1, max_blocks * block_size)
     expected = torch_paged_attention(q, cache, meta, dim ** -0.5)
     out = decode_attention(q, cache, tables, positions[:, None], dim ** -0.5)
     torch.testing.assert_close(out, expected, **tolerance(dtype))
     # keys past a row's position are never read: poisoning them changes nothing
     poisoned = cache.clone()
-    for row, pos in enumerate(positions.tolist()):
-        for j in range(pos + 1, max_blocks * block_size):
-            poisoned[:, tables[row, j // block_size], j % block_size] = float("nan")
+    key = torch.arange(max_blocks * block_size, device="cuda")
+    past = key[None, :] > positions[:, None]  # [rows, keys]
+    blocks = tables.gather(1, (key // block_size).expand(rows, -1))
+    poisoned[:, blocks[past], (key % block_size).expand(rows, -1)[past]] = float("nan")
     torch.testing.assert_close(decode_attention(q, poisoned, tables, positions[:, None],
                                                 dim ** -0.5), out, atol=0, rtol=0)

@@ -1,8 +1,11 @@
 """Paged attention for decode rows (one query token per row), reading the cache in place.
 
-Each program takes one row and one KV head, with the query heads of its GQA group, and walks
-the row's block table up to the row's length (its position + 1) with an online softmax. Only the
-row's own keys are read: no gather into a padded ``[B, kv_len]`` copy and no mask.
+Each program takes one row, one KV head (with the query heads of its GQA group) and one split
+of the row's keys, and walks the row's block table through that split with an online softmax.
+Only the row's own keys are read: no gather into a padded ``[B, kv_len]`` copy and no mask.
+When rows x KV heads are too few to fill the GPU (small batches), the keys are split
+(flash-decoding) and a second kernel merges the partial results; the split count depends only
+on shapes, so the launch is the same in every replay of a CUDA graph.
 """
 from __future__ import annotations
 
@@ -11,6 +14,8 @@ import torch
 from . import tl, triton
 
 KEYS_PER_ITERATION = 32
+TARGET_PROGRAMS = 128  # about one per SM of an H100
+MAX_SPLITS = 16
 
 
 def decode_attention(q: torch.Tensor, cache: torch.Tensor, block_tables: torch.Tensor,
@@ -26,34 +31,52 @@ def decode_attention(q: torch.Tensor, cache: torch.Tensor, block_tables: torch.T
     assert cache.is_contiguous() and block_tables.stride(-1) == 1
     out = torch.empty_like(q)
     group = heads // kv_heads
-    _decode_kernel[(rows, kv_heads)](
-        q, cache, block_tables, positions, out, scale, cache.stride(0), block_tables.stride(0),
-        positions.stride(0), BLOCK_SIZE=block_size, HEADS=heads, KV_HEADS=kv_heads, DIM=dim,
-        GROUP=group, GROUP_PAD=max(triton.next_power_of_2(group), 2),
-        DIM_PAD=triton.next_power_of_2(dim), BLOCK_N=KEYS_PER_ITERATION, num_warps=4)
+    wanted = max(1, min(MAX_SPLITS, TARGET_PROGRAMS // (rows * kv_heads)))
+    splits = 1 << (wanted.bit_length() - 1)  # a power of two
+    if splits > 1:  # unnormalised partial outputs, their running max and softmax denominator
+        part_out = q.new_empty(rows, heads, splits, dim, dtype=torch.float32)
+        part_max = q.new_empty(rows, heads, splits, dtype=torch.float32)
+        part_sum = torch.empty_like(part_max)
+    else:
+        part_out = part_max = part_sum = out
+    dim_pad = triton.next_power_of_2(dim)
+    _decode_kernel[(rows, kv_heads, splits)](
+        q, cache, block_tables, positions, out, part_out, part_max, part_sum, scale,
+        cache.stride(0), block_tables.stride(0), positions.stride(0), BLOCK_SIZE=block_size,
+        HEADS=heads, KV_HEADS=kv_heads, DIM=dim, GROUP=group,
+        GROUP_PAD=max(triton.next_power_of_2(group), 2), DIM_PAD=dim_pad,
+        BLOCK_N=KEYS_PER_ITERATION, SPLITS=splits, num_warps=4)
+    if splits > 1:
+        _merge_kernel[(rows, heads)](part_out, part_max, part_sum, out, DIM=dim, DIM_PAD=dim_pad,
+                                     SPLITS=splits, num_warps=1)
     return out
 
 
 if triton is not None:
     @triton.jit
-    def _decode_kernel(q_ptr, cache_ptr, tables_ptr, pos_ptr, out_ptr, scale, kv_plane,
-                       table_stride, pos_stride, BLOCK_SIZE: tl.constexpr, HEADS: tl.constexpr,
-                       KV_HEADS: tl.constexpr, DIM: tl.constexpr, GROUP: tl.constexpr,
-                       GROUP_PAD: tl.constexpr, DIM_PAD: tl.constexpr, BLOCK_N: tl.constexpr):
+    def _decode_kernel(q_ptr, cache_ptr, tables_ptr, pos_ptr, out_ptr, part_out_ptr, part_max_ptr,
+                       part_sum_ptr, scale, kv_plane, table_stride, pos_stride,
+                       BLOCK_SIZE: tl.constexpr, HEADS: tl.constexpr, KV_HEADS: tl.constexpr,
+                       DIM: tl.constexpr, GROUP: tl.constexpr, GROUP_PAD: tl.constexpr,
+                       DIM_PAD: tl.constexpr, BLOCK_N: tl.constexpr, SPLITS: tl.constexpr):
         row = tl.program_id(0).to(tl.int64)
         kv_head = tl.program_id(1)
+        split = tl.program_id(2)
         g = tl.arange(0, GROUP_PAD)
         d = tl.arange(0, DIM_PAD)
         q_mask = (g < GROUP)[:, None] & (d < DIM)[None, :]
         q_off = (row * HEADS + kv_head * GROUP + g)[:, None] * DIM + d[None, :]
         q = tl.load(q_ptr + q_off, mask=q_mask, other=0.0).to(tl.float32) * scale
         seq_len = tl.load(pos_ptr + row * pos_stride) + 1
+        per_split = tl.cdiv(tl.cdiv(seq_len, SPLITS), BLOCK_N) * BLOCK_N
+        first = split * per_split
+        last = tl.minimum(first + per_split, seq_len)
         m = tl.full((GROUP_PAD,), float("-inf"), tl.float32)
         denom = tl.zeros((GROUP_PAD,), tl.float32)
         acc = tl.zeros((GROUP_PAD, DIM_PAD), tl.float32)
-        for start in range(0, seq_len, BLOCK_N):
+        for start in range(first, last, BLOCK_N):
             n = start + tl.arange(0, BLOCK_N)
-            n_mask = n < seq_len
+            n_mask = n < last
             block = tl.load(tables_ptr + row * table_stride + n // BLOCK_SIZE, mask=n_mask,
                             other=0)
             slot = block * BLOCK_SIZE + n % BLOCK_SIZE
@@ -69,5 +92,26 @@ if triton is not None:
             acc = acc * alpha[:, None] + tl.sum(p[:, :, None] * v[None, :, :], axis=1)
             denom = denom * alpha + tl.sum(p, axis=1)
             m = m_new
-        out = acc / denom[:, None]
-        tl.store(out_ptr + q_off, out.to(out_ptr.dtype.element_ty), mask=q_mask)
+        if SPLITS == 1:
+            tl.store(out_ptr + q_off, (acc / denom[:, None]).to(out_ptr.dtype.element_ty),
+                     mask=q_mask)
+        else:
+            head = (row * HEADS + kv_head * GROUP + g) * SPLITS + split  # [GROUP_PAD]
+            tl.store(part_out_ptr + head[:, None] * DIM + d[None, :], acc, mask=q_mask)
+            tl.store(part_max_ptr + head, m, mask=g < GROUP)
+            tl.store(part_sum_ptr + head, denom, mask=g < GROUP)
+
+    @triton.jit
+    def _merge_kernel(part_out_ptr, part_max_ptr, part_sum_ptr, out_ptr, DIM: tl.constexpr,
+                      DIM_PAD: tl.constexpr, SPLITS: tl.constexpr):
+        """Combine one head's splits; an empty split has max -inf and weighs zero."""
+        head = tl.program_id(0).to(tl.int64) * tl.num_programs(1) + tl.program_id(1)
+        s = tl.arange(0, SPLITS)
+        d = tl.arange(0, DIM_PAD)
+        m = tl.load(part_max_ptr + head * SPLITS + s)
+        weight = tl.exp(m - tl.max(m, axis=0))
+        denom = tl.sum(tl.load(part_sum_ptr + head * SPLITS + s) * weight, axis=0)
+        part = tl.load(part_out_ptr + (head * SPLITS + s)[:, None] * DIM + d[None, :],
+                       mask=(d < DIM)[None, :], other=0.0)
+        out = tl.sum(part * weight[:, None], axis=0) / denom
+        tl.store(out_ptr + head * DIM + d, out.to(out_ptr.dtype.element_ty), mask=d < DIM)
