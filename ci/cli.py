@@ -21,10 +21,20 @@ def main(argv: list[str] | None = None) -> int:
     bench.add_argument("--no-transformers", action="store_true",
                        help="skip the transformers generate baseline")
     bench.add_argument("--out", default=None, help="write the results as JSON here")
+    guard = sub.add_parser("guard-bench", help="decode TPOT with sync_guard armed vs off")
+    guard.add_argument("--device", default="cuda", choices=["cpu", "cuda"])
+    guard.add_argument("--batch-sizes", default="1,8")
+    guard.add_argument("--shape", default="llama-3.2-1b", choices=["llama-3.2-1b", "tiny"])
+    guard.add_argument("--out", default=None, help="write the results as JSON here")
     args = parser.parse_args(argv)
     if args.command == "gate":
         from .gate import run_gate
         return run_gate(model=args.model, device=args.device)
+    if args.command == "guard-bench":
+        from .guard_bench import run_guard_bench
+        run_guard_bench(device=args.device, shape=args.shape, out=args.out,
+                        batch_sizes=tuple(int(b) for b in args.batch_sizes.split(",")))
+        return 0
     from .bench import run_bench
     run_bench(device=args.device, batch_sizes=tuple(int(b) for b in args.batch_sizes.split(",")),
               shape=args.shape, short=args.short, long=args.long, out=args.out,

@@ -6,6 +6,8 @@ from collections import deque
 
 import torch
 
+from sync_guard import GuardError
+
 from .config import EngineConfig
 from .device import Device, make_device
 from .hashing import seed_key
@@ -137,6 +139,8 @@ class EngineCore:
         try:
             with self.device.step_scope():
                 pending = self.runner.execute_model(sched, self.kv.block_tables, step)
+        except GuardError:  # a sync or a race found by sync_guard is the caller's to see
+            raise
         except Exception as exc:  # one bad step must not take the engine down
             logger.exception("step %d failed to launch", self.num_steps)
             self._pending_outputs += self._fail(sched, exc)
@@ -149,6 +153,8 @@ class EngineCore:
         with self.timeline.host("collect", step):
             try:
                 result = pending.get_output()
+            except GuardError:
+                raise
             except Exception as exc:
                 logger.exception("step %d failed on the device", step)
                 return self._fail(sched, exc)

@@ -14,6 +14,8 @@ from typing import Any, Callable, Iterator, Protocol
 
 import torch
 
+import sync_guard
+
 
 class Event(Protocol):
     def synchronize(self) -> None: ...
@@ -138,4 +140,5 @@ class HostBuffer:
     def fence(self) -> None:
         """Input-prep fence: wait until the last staged copy has read the host side."""
         if self.copied is not None:
-            self.copied.synchronize()
+            with sync_guard.allow("input-prep fence: the staging buffer's last copy"):
+                self.copied.synchronize()

@@ -5,6 +5,8 @@ from dataclasses import dataclass
 
 import torch
 
+import sync_guard
+
 from .config import EngineConfig
 from .cuda_graphs import DecodeGraphs, capture_sizes
 from .device import Device
@@ -41,7 +43,8 @@ class PendingOutput:
         self._copied = device.record(device.copy)
 
     def get_output(self) -> ModelRunnerOutput:
-        self._copied.synchronize()
+        with sync_guard.allow("collect: the step's sampled ids reach the host"):
+            self._copied.synchronize()
         tokens = self._host[0].tolist()
         rows = self.sched.rows
         sampled = [t if row.samples else None for t, row in zip(tokens, rows)]

@@ -25,6 +25,8 @@ from typing import Any, Callable, Iterator
 
 import torch
 
+from sync_guard import hooks
+
 from .device import Device
 
 
@@ -41,9 +43,12 @@ class SimEvent:
         self.done.set()
 
     def query(self) -> bool:
-        return self.done.is_set()
+        done = self.done.is_set()
+        hooks.on_event_query(self, done)
+        return done
 
     def synchronize(self) -> None:
+        hooks.on_host_wait("SimEvent.synchronize", event=self)
         self.stream.run_until(self)
 
 
@@ -73,7 +78,8 @@ class _WorkQueue:
                 delay = rng.uniform(0, max_delay_s)
             time.sleep(delay)
             try:
-                item()
+                with hooks.device_work():
+                    item()
             except BaseException as exc:  # surfaced to the host at its next wait
                 self.error = self.error or exc
             del item  # a finished item must not keep the stream (and engine) alive
@@ -94,7 +100,8 @@ class SimStream:
 
     def enqueue(self, item: Callable[[], None]) -> None:
         if self.policy == "eager":
-            item()
+            with hooks.device_work():
+                item()
             return
         with self._queue.lock:
             self._queue.items.append(item)
@@ -106,7 +113,8 @@ class SimStream:
             while not event.done.is_set():
                 with self._queue.lock:
                     item = self._queue.items.popleft()
-                item()
+                with hooks.device_work():
+                    item()
         else:
             event.done.wait()
         if self._queue.error is not None:
@@ -114,6 +122,7 @@ class SimStream:
             raise RuntimeError(f"device work on sim stream {self.name!r} failed") from error
 
     def synchronize(self) -> None:
+        hooks.on_host_wait("SimStream.synchronize", stream=self)
         event = SimEvent(self)
         self.enqueue(event._complete)
         self.run_until(event)
@@ -144,15 +153,28 @@ class SimDevice(Device):
         stream.enqueue(run)
 
     def copy_async(self, dst: torch.Tensor, src: torch.Tensor, stream: SimStream) -> None:
+        hooks.on_copy(dst, src, stream)
         stream.enqueue(lambda: dst.copy_(src))
 
     def record(self, stream: SimStream, timing: bool = False) -> SimEvent:
         event = SimEvent(stream)
+        hooks.on_record(event, stream)
         stream.enqueue(event._complete)
         return event
 
     def wait(self, stream: SimStream, event: SimEvent) -> None:
+        hooks.on_wait(stream, event)
         stream.enqueue(event.synchronize)
+
+    def zeros(self, *shape: int, dtype: torch.dtype) -> torch.Tensor:
+        tensor = torch.zeros(*shape, dtype=dtype)
+        hooks.register_device_memory(tensor)
+        return tensor
+
+    def empty(self, *shape: int, dtype: torch.dtype) -> torch.Tensor:
+        tensor = torch.empty(*shape, dtype=dtype)
+        hooks.register_device_memory(tensor)
+        return tensor
 
     def synchronize(self) -> None:
         self.compute.synchronize()

@@ -1,4 +1,42 @@
-"""sync_guard: host-sync detector, pinned-buffer race checker and the ``nosync`` pytest plugin.
+"""sync_guard: find host<->device syncs and host-buffer races in torch code.
 
-Not built yet: see the sync_guard issue. The package exists so that the layout matches the design.
+* ``disallow()`` / ``log()`` / ``allow(reason, first_only=False)``: scopes (context managers and
+  decorators) for the calling thread or asyncio task; a host sync inside ``disallow`` raises
+  :class:`SyncViolation`, inside ``log`` it is logged and recorded; ``allow`` names a sync that
+  is expected. The level outside any scope comes from the ``SYNC_GUARD`` environment variable.
+* ``race_check()``: a host write to a buffer that a pending device copy still reads, or a host
+  read of a copy's destination before it is known complete, raises :class:`BufferRace`.
+* The ``nosync`` pytest plugin (``sync_guard.pytest_plugin``) arms both around engine steps.
+
+Every report names the operation, the thread and the user's frames.
 """
+from contextlib import contextmanager
+from typing import Iterator
+
+from ._scope import DEFAULT_LEVEL, GuardError, Scope, SyncReport, SyncViolation
+from .races import BufferRace, race_check
+
+__all__ = ["disallow", "log", "allow", "race_check", "armed", "Scope", "SyncViolation",
+           "BufferRace", "GuardError", "SyncReport", "DEFAULT_LEVEL"]
+
+
+def disallow() -> Scope:
+    """Any host sync inside raises :class:`SyncViolation`."""
+    return Scope("disallow")
+
+
+def log() -> Scope:
+    """Host syncs inside are logged (logger ``sync_guard``) and recorded, not raised."""
+    return Scope("log")
+
+
+def allow(reason: str, first_only: bool = False) -> Scope:
+    """Syncs inside are expected (``reason`` says why); with ``first_only``, only the first is."""
+    return Scope("allow", reason, first_only)
+
+
+@contextmanager
+def armed(level: str = "disallow", widen_ms: float | None = None) -> Iterator[list[SyncReport]]:
+    """The sync detector at ``level`` plus the race checker: what ``nosync`` tests run under."""
+    with Scope(level) as reports, race_check(widen_ms=widen_ms):
+        yield reports

@@ -1,9 +1,15 @@
-"""Async scheduling produces exactly the sync token streams, on every sim policy and on CUDA."""
+"""Async scheduling produces exactly the sync token streams, on every sim policy and on CUDA.
+
+Every test here is also a ``nosync`` test: its engine steps run under sync_guard's detector and
+race checker, so ``pytest -m nosync`` runs this suite (``-m "nosync and gpu"`` on a GPU).
+"""
 from __future__ import annotations
 
 import pytest
 
 from engine import LLM, SamplingParams
+
+pytestmark = pytest.mark.nosync
 
 TIGHT = dict(block_size=4, num_kv_blocks=48, max_num_batched_tokens=32, max_num_seqs=6)
 TARGETS = [("sim", "eager"), ("sim", "lazy"), ("sim", "threaded"),

@@ -1,0 +1,155 @@
+"""Levels and scopes: which thread or task is guarded, and what a detected sync does there.
+
+The scope stack lives in a context variable, so it belongs to the thread (and the asyncio task)
+that entered it: another thread's legitimate waits are never judged by it. The default level,
+for code outside any scope, comes from the ``SYNC_GUARD`` environment variable (``allow``).
+"""
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import traceback
+from contextlib import ContextDecorator
+from contextvars import ContextVar
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+LEVELS = ("allow", "log", "disallow")
+ENV_VAR = "SYNC_GUARD"
+logger = logging.getLogger("sync_guard")
+
+_PACKAGE_DIR = str(Path(__file__).parent)
+_TORCH_DIR = str(Path(torch.__file__).parent)
+
+
+class GuardError(RuntimeError):
+    """Base of the guard's errors; code that catches broad exceptions should re-raise these."""
+
+
+def _read_default() -> str:
+    level = os.environ.get(ENV_VAR, "allow").strip().lower() or "allow"
+    if level not in LEVELS:
+        raise ValueError(f"{ENV_VAR}={level!r} is not one of {', '.join(LEVELS)}")
+    return level
+
+
+DEFAULT_LEVEL = _read_default()
+
+
+def user_frames() -> list[traceback.FrameSummary]:
+    """The caller's stack without the guard's and torch's own frames."""
+    return [f for f in traceback.extract_stack()[:-1]
+            if not f.filename.startswith((_PACKAGE_DIR, _TORCH_DIR))
+            and "contextlib" not in f.filename]
+
+
+def thread_name() -> str:
+    name = threading.current_thread().name
+    try:
+        import asyncio
+        task = asyncio.current_task()
+    except RuntimeError:
+        task = None
+    return f"{name} (task {task.get_name()})" if task is not None else name
+
+
+@dataclass
+class SyncReport:
+    """One detected host sync: what, in which thread, from where."""
+
+    op: str
+    thread: str
+    frames: list[traceback.FrameSummary]
+    allowed_by: str | None = None
+
+    def __str__(self) -> str:
+        where = "".join(traceback.format_list(self.frames[-6:])) or "  (no user frames)\n"
+        why = f" (allowed: {self.allowed_by})" if self.allowed_by else ""
+        return f"host sync: {self.op} in thread {self.thread!r}{why}\n{where}"
+
+
+class SyncViolation(GuardError):
+    """A host sync inside a ``disallow`` scope."""
+
+    def __init__(self, report: SyncReport) -> None:
+        super().__init__(str(report))
+        self.report = report
+
+
+@dataclass
+class _Frame:
+    level: str
+    parent: "_Frame | None"
+    records: list[SyncReport]
+    reason: str | None = None
+    first_only: bool = False
+    used: bool = False
+    violations: list[SyncReport] = field(default_factory=list)
+
+
+_current: ContextVar[_Frame | None] = ContextVar("sync_guard_scope", default=None)
+_armed_threads = threading.local()  # per-thread count of scopes using the dispatch mode
+
+
+def armed() -> bool:
+    """Whether a sync in the calling context would be looked at (cheap: one variable read)."""
+    frame = _current.get()
+    return DEFAULT_LEVEL != "allow" if frame is None else True
+
+
+def check_sync(op: str) -> None:
+    """Judge a host sync by the innermost scope of the calling context."""
+    frame = _current.get()
+    if frame is None and DEFAULT_LEVEL == "allow":
+        return
+    report = SyncReport(op, thread_name(), user_frames())
+    while frame is not None and frame.level == "allow":
+        if not (frame.first_only and frame.used):
+            frame.used = True
+            report.allowed_by = frame.reason
+            _record(frame, report)
+            return
+        frame = frame.parent  # a first_only allowance that was used: the next scope decides
+    level = DEFAULT_LEVEL if frame is None else frame.level
+    if frame is not None:
+        _record(frame, report)
+    if level == "log":
+        logger.warning("%s", report)
+    elif level == "disallow":
+        if frame is not None:
+            frame.violations.append(report)
+        raise SyncViolation(report)
+
+
+def _record(frame: _Frame | None, report: SyncReport) -> None:
+    while frame is not None:
+        frame.records.append(report)
+        frame = frame.parent
+
+
+class Scope(ContextDecorator):
+    """A guard scope; ``with`` it gives the list of syncs seen inside (allowed ones included)."""
+
+    def __init__(self, level: str, reason: str | None = None, first_only: bool = False) -> None:
+        if level not in LEVELS:
+            raise ValueError(f"level={level!r} is not one of {', '.join(LEVELS)}")
+        if level == "allow" and not reason:
+            raise ValueError("allow() needs a reason, e.g. allow('collect: wait for outputs')")
+        self.level, self.reason, self.first_only = level, reason, first_only
+        self.records: list[SyncReport] = []
+        self._tokens: list = []
+
+    def __enter__(self) -> list[SyncReport]:
+        frame = _Frame(self.level, _current.get(), self.records, self.reason, self.first_only)
+        self._tokens.append(_current.set(frame))
+        from .detector import arm_thread
+        arm_thread()
+        return self.records
+
+    def __exit__(self, *exc) -> None:
+        from .detector import disarm_thread
+        disarm_thread()
+        _current.reset(self._tokens.pop())

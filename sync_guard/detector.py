@@ -1,0 +1,182 @@
+"""The sync detector: which operations make the host wait for the device.
+
+Three layers, all judged per calling context by :func:`_scope.check_sync`:
+* implicit syncs, seen as aten ops by a ``TorchDispatchMode`` that is pushed only on threads
+  with an active scope (a mode is thread-local, so unguarded threads pay nothing);
+* explicit syncs: ``torch.cuda.synchronize``, ``Stream/Event.synchronize``, ``empty_cache``,
+  wrapped once; a wrapper costs one context-variable read when no scope is active;
+* on the ``sim`` device, host reads of registered device memory (``tolist``/``numpy``/``cpu``,
+  which never reach the dispatcher for CPU tensors) and the sim layer's own waits, through
+  :mod:`sync_guard.hooks`.
+Torch's own sync debug mode is not used: it is process-global (see DESIGN.md).
+"""
+from __future__ import annotations
+
+import functools
+import threading
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from . import _scope, hooks
+
+aten = torch.ops.aten
+_BOOL_INDEX = (torch.bool, torch.uint8)
+
+
+def _on_device(x) -> bool:
+    return isinstance(x, torch.Tensor) and hooks.is_device_memory(x)
+
+
+def _on_host(x) -> bool:
+    return isinstance(x, torch.Tensor) and x.device.type == "cpu" and not hooks.is_device_memory(x)
+
+
+def _bool_index(indices) -> bool:
+    return any(isinstance(i, torch.Tensor) and i.dtype in _BOOL_INDEX and _on_device(i)
+               for i in indices or ())
+
+
+def _copy(args, kwargs) -> str | None:
+    dst, src = args[0], args[1]
+    non_blocking = kwargs.get("non_blocking", args[2] if len(args) > 2 else False)
+    if _on_device(src) and _on_host(dst):
+        if not non_blocking or not src.is_cuda:
+            return "blocking device-to-host copy (copy_)"
+        if not dst.is_pinned():
+            return "non-blocking device-to-host copy into pageable memory (silent sync)"
+        if not dst.is_contiguous():
+            return "non-blocking device-to-host copy into strided host memory (silent sync)"
+    elif _on_host(src) and _on_device(dst) and not non_blocking:
+        return "blocking host-to-device copy (copy_)"
+    return None
+
+
+def _to_copy(args, kwargs) -> str | None:
+    src, device = args[0], kwargs.get("device")
+    if device is None or kwargs.get("non_blocking", False):
+        return None  # a non-blocking .to("cpu") lands in pinned memory: asynchronous
+    device = torch.device(device)
+    if _on_device(src) and device.type == "cpu":
+        return "blocking device-to-host copy (.cpu() / .to('cpu') / .tolist() / print)"
+    if _on_host(src) and device.type == "cuda":
+        return "blocking host-to-device copy (.to('cuda') / torch.tensor(..., device='cuda'))"
+    return None
+
+
+def _any_device(name: str):
+    return lambda args, kwargs: name if any(_on_device(a) for a in args) else None
+
+
+_RULES = {
+    aten._local_scalar_dense: _any_device("Tensor.item (item / bool / int / float)"),
+    aten.nonzero: _any_device("nonzero (output size depends on data)"),
+    aten.masked_select: _any_device("masked_select (output size depends on data)"),
+    aten._unique2: _any_device("unique"),
+    aten._unique: _any_device("unique"),
+    aten.unique_dim: _any_device("unique(dim=...)"),
+    aten.unique_consecutive: _any_device("unique_consecutive"),
+    aten.equal: _any_device("torch.equal"),
+    aten.is_nonzero: _any_device("Tensor.__bool__"),
+    aten.bincount: _any_device("bincount (output size depends on data)"),
+    aten.index: lambda a, k: ("boolean-mask indexing" if _bool_index(a[1]) else None),
+    aten.index_put_: lambda a, k: ("boolean-mask index assignment" if _bool_index(a[1]) else None),
+    aten.index_put: lambda a, k: ("boolean-mask index assignment" if _bool_index(a[1]) else None),
+    aten.repeat_interleave: lambda a, k: (
+        "repeat_interleave without output_size" if k.get("output_size") is None
+        and any(_on_device(x) for x in a) else None),
+    aten.copy_: _copy,
+    aten._to_copy: _to_copy,
+}
+
+
+def classify(func, args, kwargs) -> str | None:
+    """The sync an aten op call makes on the host, or None."""
+    rule = _RULES.get(func.overloadpacket)
+    return None if rule is None else rule(args, kwargs)
+
+
+class _SyncMode(TorchDispatchMode):
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if hooks.in_device_work():  # the device's own work: no host sync, results stay inside
+            return func(*args, **kwargs)
+        op = classify(func, args, kwargs)
+        if op is not None:
+            _scope.check_sync(op)
+        out = func(*args, **kwargs)
+        if hooks.has_sim_memory() and not func._schema.is_mutable:
+            _propagate_sim_memory(args, out)
+        return out
+
+
+def _propagate_sim_memory(args, out) -> None:
+    """What an op computes from sim device memory is sim device memory too (as on a GPU)."""
+    if not any(isinstance(a, torch.Tensor) and not a.is_cuda and hooks.is_device_memory(a)
+               for a in args):
+        return
+    for t in out if isinstance(out, (tuple, list)) else (out,):
+        if isinstance(t, torch.Tensor) and t.device.type == "cpu":
+            hooks.register_device_memory(t)
+
+
+_local = threading.local()
+
+
+def arm_thread() -> None:
+    """Push the dispatch mode on this thread when its first scope opens."""
+    _install_patches()
+    count = getattr(_local, "count", 0)
+    if count == 0:
+        _local.mode = _SyncMode()
+        _local.mode.__enter__()
+    _local.count = count + 1
+
+
+def disarm_thread() -> None:
+    _local.count -= 1
+    if _local.count == 0:
+        _local.mode.__exit__(None, None, None)
+        del _local.mode
+
+
+def _explicit(name: str, original):
+    @functools.wraps(original)
+    def wrapper(*args, **kwargs):
+        if _scope.armed() and not hooks.in_device_work():
+            _scope.check_sync(name)
+        return original(*args, **kwargs)
+    wrapper.__sync_guard_original__ = original
+    return wrapper
+
+
+def _host_read(name: str, original):
+    """Sim device memory is a CPU tensor: these reads never reach the dispatcher."""
+    @functools.wraps(original)
+    def wrapper(self, *args, **kwargs):
+        if (_scope.armed() and not self.is_cuda and hooks.is_device_memory(self)
+                and not hooks.in_device_work()):
+            _scope.check_sync(f"Tensor.{name} of sim device memory")
+        return original(self, *args, **kwargs)
+    wrapper.__sync_guard_original__ = original
+    return wrapper
+
+
+_patched = False
+_patch_lock = threading.Lock()
+
+
+def _install_patches() -> None:
+    global _patched
+    if _patched:
+        return
+    with _patch_lock:
+        if _patched:
+            return
+        torch.cuda.synchronize = _explicit("torch.cuda.synchronize", torch.cuda.synchronize)
+        torch.cuda.empty_cache = _explicit("torch.cuda.empty_cache", torch.cuda.empty_cache)
+        for cls, method in ((torch.cuda.Stream, "synchronize"), (torch.cuda.Event, "synchronize")):
+            setattr(cls, method, _explicit(f"{cls.__name__}.{method}", getattr(cls, method)))
+        for method in ("tolist", "numpy", "cpu"):
+            setattr(torch.Tensor, method, _host_read(method, getattr(torch.Tensor, method)))
+        _patched = True

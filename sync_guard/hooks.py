@@ -1,0 +1,81 @@
+"""What device layers other than CUDA (the engine's ``sim`` device) tell the guard.
+
+A layer whose "device" is host memory calls these so the same rules apply to it as to CUDA:
+``register_device_memory`` marks a tensor as device memory, ``device_work`` brackets work that
+runs *as* the device (on the host thread in sim's eager and lazy policies, so it is not a host
+sync), and the ``on_*`` calls report copies, events and host waits to the race checker and the
+sync detector. Every call costs one context-variable read when the guard is off.
+"""
+from __future__ import annotations
+
+import weakref
+from contextlib import contextmanager
+from contextvars import ContextVar
+from typing import Any, Iterator
+
+import torch
+
+_in_device_work: ContextVar[bool] = ContextVar("sync_guard_device_work", default=False)
+_device_memory: dict[int, weakref.ref] = {}  # storage data_ptr -> the allocation
+
+
+@contextmanager
+def device_work() -> Iterator[None]:
+    token = _in_device_work.set(True)
+    try:
+        yield
+    finally:
+        _in_device_work.reset(token)
+
+
+def in_device_work() -> bool:
+    return _in_device_work.get()
+
+
+def register_device_memory(tensor: torch.Tensor) -> None:
+    """Mark ``tensor``'s storage as device memory (a host read of it is then a sync)."""
+    ptr = tensor.untyped_storage().data_ptr()
+    _device_memory[ptr] = weakref.ref(tensor, lambda _, p=ptr: _device_memory.pop(p, None))
+
+
+def has_sim_memory() -> bool:
+    return bool(_device_memory)
+
+
+def is_device_memory(tensor: torch.Tensor) -> bool:
+    if tensor.is_cuda:
+        return True
+    if not _device_memory or tensor.device.type != "cpu":
+        return False
+    ref = _device_memory.get(tensor.untyped_storage().data_ptr())
+    return ref is not None and ref() is not None
+
+
+def on_host_wait(op: str, stream: Any = None, event: Any = None) -> None:
+    """The host blocks on ``event``, on ``stream``, or (both None) on the whole device."""
+    if _in_device_work.get():
+        return
+    from . import _scope, races
+    _scope.check_sync(op)
+    races.host_waited(stream=stream, event=event)
+
+
+def on_event_query(event: Any, done: bool) -> None:
+    if done and not _in_device_work.get():
+        from . import races
+        races.host_waited(event=event)
+
+
+def on_copy(dst: torch.Tensor, src: torch.Tensor, stream: Any) -> None:
+    from . import races
+    races.copy_enqueued(dst, src, stream)
+
+
+def on_record(event: Any, stream: Any) -> None:
+    from . import races
+    races.event_recorded(event, stream)
+
+
+def on_wait(stream: Any, event: Any) -> None:
+    from . import races
+    races.stream_waited(stream, event)

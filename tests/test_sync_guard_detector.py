@@ -1,0 +1,166 @@
+"""The sync detector on the sim device (the CUDA rules are checked by the GPU sync corpus)."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import threading
+
+import pytest
+import torch
+
+import sync_guard
+from engine.sim import SimDevice
+
+
+@pytest.fixture
+def dev():
+    return SimDevice("lazy")
+
+
+@pytest.fixture
+def x(dev):
+    t = dev.zeros(4, dtype=torch.float32)
+    t.add_(torch.tensor([0.0, 1.0, 0.0, 2.0]))
+    return t
+
+
+IMPLICIT_SYNCS = {
+    "item": lambda x: x[1].item(),
+    "bool": lambda x: bool(x[1]),
+    "float": lambda x: float(x[1]),
+    "tolist": lambda x: x.tolist(),
+    "cpu": lambda x: x.cpu(),
+    "numpy": lambda x: x.numpy(),
+    "nonzero": lambda x: x.nonzero(),
+    "boolean mask": lambda x: x[x > 0],
+    "boolean mask assignment": lambda x: x.__setitem__(x > 0, 0.0),
+    "unique": lambda x: torch.unique(x),
+    "equal": lambda x: torch.equal(x, x),
+    "masked_select": lambda x: torch.masked_select(x, x > 0),
+    "repeat_interleave": lambda x: torch.repeat_interleave(x, (x > 0).long()),
+    "print": lambda x: repr(x),
+    "copy to host": lambda x: torch.empty(4).copy_(x),
+}
+
+
+@pytest.mark.parametrize("name", list(IMPLICIT_SYNCS))
+def test_a_host_read_of_device_memory_raises_under_disallow(x, name):
+    with pytest.raises(sync_guard.SyncViolation):
+        with sync_guard.disallow():
+            IMPLICIT_SYNCS[name](x)
+
+
+NOT_SYNCS = {
+    "elementwise": lambda x: x * 2 + 1,
+    "reduction stays on the device": lambda x: x.sum(),
+    "repeat_interleave with output_size": lambda x: torch.repeat_interleave(
+        x, torch.ones(4, dtype=torch.long), output_size=4),
+    "indexing with an integer index": lambda x: x[torch.tensor([0, 2])],
+    "where with three arguments": lambda x: torch.where(x > 0, x, -x),
+    "host-only work": lambda x: torch.arange(4).tolist(),
+}
+
+
+@pytest.mark.parametrize("name", list(NOT_SYNCS))
+def test_device_side_work_is_not_a_sync(x, name):
+    with sync_guard.disallow() as reports:
+        NOT_SYNCS[name](x)
+    assert reports == []
+
+
+def test_explicit_waits_of_the_sim_device_are_syncs(dev):
+    event = dev.record(dev.compute)
+    with pytest.raises(sync_guard.SyncViolation, match="SimEvent.synchronize"):
+        with sync_guard.disallow():
+            event.synchronize()
+    with pytest.raises(sync_guard.SyncViolation, match="SimStream.synchronize"):
+        with sync_guard.disallow():
+            dev.compute.synchronize()
+
+
+def test_work_that_runs_as_the_device_is_not_a_host_sync(dev, x):
+    out = dev.zeros(1, dtype=torch.float32)
+    with sync_guard.disallow():
+        dev.launch(dev.compute, lambda: out.fill_(x[1].item()))  # item() is device-side here
+        done = dev.record(dev.compute)
+    done.synchronize()
+    assert out.tolist() == [1.0]
+
+
+def test_log_records_without_raising_and_names_op_thread_and_user_frame(x):
+    with sync_guard.log() as reports:
+        x.tolist()
+    [report] = reports
+    assert "tolist" in report.op
+    assert report.thread == threading.current_thread().name
+    assert report.frames[-1].name == "test_log_records_without_raising_and_names_op_thread_and_user_frame"
+    assert report.frames[-1].filename == __file__  # the user's line, not the guard's
+
+
+def test_allow_names_a_sync_and_first_only_allows_just_one(x):
+    with sync_guard.disallow():
+        with sync_guard.allow("reading the result", first_only=True) as allowed:
+            x.tolist()
+            with pytest.raises(sync_guard.SyncViolation):
+                x.tolist()
+    assert allowed[0].allowed_by == "reading the result"
+
+
+def test_allow_without_first_only_allows_every_sync(x):
+    with sync_guard.disallow():
+        with sync_guard.allow("debug dump") as allowed:
+            x.tolist()
+            x.tolist()
+    assert len(allowed) == 2
+
+
+def test_allow_needs_a_reason():
+    with pytest.raises(ValueError, match="reason"):
+        sync_guard.allow("")
+
+
+def test_works_as_a_decorator(x):
+    @sync_guard.disallow()
+    def read():
+        return x.tolist()
+
+    with pytest.raises(sync_guard.SyncViolation):
+        read()
+
+
+def test_another_threads_syncs_are_not_judged_by_this_threads_scope(x):
+    errors = []
+
+    def other():
+        try:
+            x.tolist()
+        except Exception as exc:  # pragma: no cover - would be the bug
+            errors.append(exc)
+
+    with sync_guard.disallow() as reports:
+        thread = threading.Thread(target=other)
+        thread.start()
+        thread.join()
+    assert errors == [] and reports == []
+
+
+def test_nothing_is_checked_outside_a_scope(x):
+    x.tolist()  # the default level is allow
+
+
+def test_the_environment_variable_sets_the_default_level():
+    code = ("import torch, sync_guard\n"
+            "from engine.sim import SimDevice\n"
+            "x = SimDevice('eager').zeros(2, dtype=torch.float32)\n"
+            "try:\n    torch.cuda.synchronize() if torch.cuda.is_available() else "
+            "SimDevice('eager').compute.synchronize()\nexcept sync_guard.SyncViolation:\n"
+            "    print('raised')\n")
+    env = dict(os.environ, SYNC_GUARD="disallow", PYTHONPATH=os.getcwd())
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                         check=True)
+    assert out.stdout.strip() == "raised"
+    bad = dict(env, SYNC_GUARD="sometimes")
+    failed = subprocess.run([sys.executable, "-c", "import sync_guard"], env=bad,
+                            capture_output=True, text=True)
+    assert failed.returncode != 0 and "SYNC_GUARD='sometimes'" in failed.stderr
