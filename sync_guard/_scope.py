@@ -145,11 +145,13 @@ class Scope(ContextDecorator):
     def __enter__(self) -> list[SyncReport]:
         frame = _Frame(self.level, _current.get(), self.records, self.reason, self.first_only)
         self._tokens.append(_current.set(frame))
-        from .detector import arm_thread
-        arm_thread()
+        if self.level != "allow":  # an allowance only matters inside a scope that armed already
+            from .detector import arm_thread
+            arm_thread()
         return self.records
 
     def __exit__(self, *exc) -> None:
-        from .detector import disarm_thread
-        disarm_thread()
+        if self.level != "allow":
+            from .detector import disarm_thread
+            disarm_thread()
         _current.reset(self._tokens.pop())

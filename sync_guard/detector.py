@@ -4,7 +4,8 @@ Three layers, all judged per calling context by :func:`_scope.check_sync`:
 * implicit syncs, seen as aten ops by a ``TorchDispatchMode`` that is pushed only on threads
   with an active scope (a mode is thread-local, so unguarded threads pay nothing);
 * explicit syncs: ``torch.cuda.synchronize``, ``Stream/Event.synchronize``, ``empty_cache``,
-  wrapped once; a wrapper costs one context-variable read when no scope is active;
+  wrapped once; a wrapper costs one context-variable read when no scope is active; the same
+  wrappers catch printing a device tensor, which hides from dispatch modes;
 * on the ``sim`` device, host reads of registered device memory (``tolist``/``numpy``/``cpu``,
   which never reach the dispatcher for CPU tensors) and the sim layer's own waits, through
   :mod:`sync_guard.hooks`.
@@ -35,6 +36,17 @@ def _on_host(x) -> bool:
 def _bool_index(indices) -> bool:
     return any(isinstance(i, torch.Tensor) and i.dtype in _BOOL_INDEX and _on_device(i)
                for i in indices or ())
+
+
+def _bool_index_put(args, kwargs) -> str | None:
+    """``x[mask] = v`` syncs (it needs ``nonzero``) unless ``v`` is a host scalar, which torch
+    turns into ``masked_fill_``."""
+    if not _bool_index(args[1]):
+        return None
+    values = args[2]
+    if len(args[1]) == 1 and values.numel() == 1 and _on_host(values):
+        return None
+    return "boolean-mask index assignment of a device value"
 
 
 def _copy(args, kwargs) -> str | None:
@@ -80,13 +92,17 @@ _RULES = {
     aten.is_nonzero: _any_device("Tensor.__bool__"),
     aten.bincount: _any_device("bincount (output size depends on data)"),
     aten.index: lambda a, k: ("boolean-mask indexing" if _bool_index(a[1]) else None),
-    aten.index_put_: lambda a, k: ("boolean-mask index assignment" if _bool_index(a[1]) else None),
-    aten.index_put: lambda a, k: ("boolean-mask index assignment" if _bool_index(a[1]) else None),
+    aten.index_put_: _bool_index_put,
+    aten.index_put: _bool_index_put,
     aten.repeat_interleave: lambda a, k: (
         "repeat_interleave without output_size" if k.get("output_size") is None
         and any(_on_device(x) for x in a) else None),
     aten.copy_: _copy,
     aten._to_copy: _to_copy,
+    # torch.tensor(host data, device="cuda") and x[[0, 2]] copy the data below the Python
+    # dispatch key with a blocking copy; the mode sees only the lifted CUDA result
+    aten.lift_fresh: lambda a, k: ("torch.tensor(host data, device='cuda') (blocking "
+                                   "host-to-device copy)" if a[0].is_cuda else None),
 }
 
 
@@ -162,6 +178,18 @@ def _host_read(name: str, original):
     return wrapper
 
 
+def _printing(original):
+    """Printing copies a device tensor to the host; torch's printer hides from dispatch modes."""
+    @functools.wraps(original)
+    def wrapper(self, *args, **kwargs):
+        if (_scope.armed() and isinstance(self, torch.Tensor) and hooks.is_device_memory(self)
+                and not hooks.in_device_work()):
+            _scope.check_sync("printing a device tensor (repr / str / format)")
+        return original(self, *args, **kwargs)
+    wrapper.__sync_guard_original__ = original
+    return wrapper
+
+
 _patched = False
 _patch_lock = threading.Lock()
 
@@ -179,4 +207,6 @@ def _install_patches() -> None:
             setattr(cls, method, _explicit(f"{cls.__name__}.{method}", getattr(cls, method)))
         for method in ("tolist", "numpy", "cpu"):
             setattr(torch.Tensor, method, _host_read(method, getattr(torch.Tensor, method)))
+        for method in ("__repr__", "__format__"):
+            setattr(torch.Tensor, method, _printing(getattr(torch.Tensor, method)))
         _patched = True

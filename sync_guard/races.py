@@ -18,7 +18,6 @@ import functools
 import hashlib
 import threading
 import traceback
-import weakref
 from collections.abc import Callable, Hashable
 from contextvars import ContextVar
 from dataclasses import dataclass, field
@@ -110,7 +109,10 @@ class _HB:
 
     streams: dict[Hashable, dict[Hashable, int]] = field(default_factory=dict)
     host: dict[Hashable, int] = field(default_factory=dict)
-    events: dict[int, tuple[weakref.ref, dict]] = field(default_factory=dict)
+    # id -> (event, its clock). Strong references: a weakref callback on a CUDA event runs in
+    # the event's dealloc, which drops the GIL mid-garbage-collection and crashed the process.
+    # An entry goes once the host's clock covers it: waiting on it can teach nothing more.
+    events: dict[int, tuple[Any, dict]] = field(default_factory=dict)
     pending: list[_Copy] = field(default_factory=list)
 
     def tick(self, stream: Any) -> tuple[Hashable, int]:
@@ -136,9 +138,7 @@ class _HB:
 
     def record(self, event: Any, stream: Any) -> None:
         key, _ = self.tick(stream)
-        eid = id(event)  # the callback keeps a dead event's id from aliasing a new event
-        ref = weakref.ref(event, lambda _, eid=eid, events=self.events: events.pop(eid, None))
-        self.events[eid] = ref, dict(self.streams[key])
+        self.events[id(event)] = event, dict(self.streams[key])  # re-recording replaces it
 
     def event_clock(self, event: Any) -> dict:
         entry = self.events.get(id(event))
@@ -148,6 +148,9 @@ class _HB:
         """The host waited for ``clocks``: drop the copies that are now known complete."""
         for clock in clocks:
             _join(self.host, clock)
+        host = self.host
+        self.events = {eid: entry for eid, entry in self.events.items()
+                       if any(host.get(k, 0) < t for k, t in entry[1].items())}
         done = [c for c in self.pending if self.host.get(c.stream, 0) >= c.tick]
         if done:
             self.pending = [c for c in self.pending if self.host.get(c.stream, 0) < c.tick]

@@ -34,7 +34,7 @@ IMPLICIT_SYNCS = {
     "numpy": lambda x: x.numpy(),
     "nonzero": lambda x: x.nonzero(),
     "boolean mask": lambda x: x[x > 0],
-    "boolean mask assignment": lambda x: x.__setitem__(x > 0, 0.0),
+    "boolean mask assignment of a device value": lambda x: x.__setitem__(x > 0, x[0]),
     "unique": lambda x: torch.unique(x),
     "equal": lambda x: torch.equal(x, x),
     "masked_select": lambda x: torch.masked_select(x, x > 0),
@@ -58,6 +58,7 @@ NOT_SYNCS = {
         x, torch.ones(4, dtype=torch.long), output_size=4),
     "indexing with an integer index": lambda x: x[torch.tensor([0, 2])],
     "where with three arguments": lambda x: torch.where(x > 0, x, -x),
+    "boolean mask fill with a python number": lambda x: x.__setitem__(x > 0, 0.0),
     "host-only work": lambda x: torch.arange(4).tolist(),
 }
 
@@ -164,3 +165,17 @@ def test_the_environment_variable_sets_the_default_level():
     failed = subprocess.run([sys.executable, "-c", "import sync_guard"], env=bad,
                             capture_output=True, text=True)
     assert failed.returncode != 0 and "SYNC_GUARD='sometimes'" in failed.stderr
+
+
+def test_an_armed_guard_leaves_other_libraries_results_unchanged(hf_checkpoint):
+    """The guard's patches must be transparent: transformers computes its RoPE buffer at load
+    (a patched ``torch.tensor`` once left it uninitialised)."""
+    from transformers import AutoModelForCausalLM
+    path = hf_checkpoint("llama")
+    with sync_guard.log(), sync_guard.race_check():
+        pass  # installs the patches
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    rotary = next(m for name, m in model.named_modules() if name.endswith("rotary_emb"))
+    dim = model.config.head_dim
+    expected = 1.0 / (model.config.rope_theta ** (torch.arange(0, dim, 2).float() / dim))
+    torch.testing.assert_close(rotary.inv_freq, expected)

@@ -1,0 +1,223 @@
+"""The race corpus: pinned-buffer races on CUDA, racy by construction or correctly fenced.
+
+Each scenario enqueues a non-blocking copy between a pinned host buffer and the device, on the
+current stream or a side stream, with ``torch.cuda._sleep`` worth ``widen_ms`` queued just before
+the copy (the copy stays pending while the host goes on), then maybe fences, then touches the host
+buffer: a write to an H2D source or a read of a D2H destination. Ground truth is by construction:
+no fence, or a wait on the wrong event, is a race; a correct fence (``event.synchronize()``,
+``stream.synchronize()``, ``event.query()`` polled until True, or a chain of stream waits ending
+in a host wait) is not.
+
+* Verdict: the scenario under ``sync_guard.race_check()``; a race = ``BufferRace`` raised.
+* ``corruption_observed`` (informative, no guard): for H2D, the device received the host's *new*
+  value; for D2H, the host read a stale value. Racy scenarios should show it, fenced ones not.
+
+Run by ``python -m ci.sync_corpus`` (see there) or ``run_race_corpus()``.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import torch
+
+from .sync_corpus import N, side_stream, sleep_cycles, unguarded
+
+OLD, NEW = 1.0, 7.0  # H2D: the buffer holds OLD when copied, the racy write makes it NEW
+AT = 3               # every write changes element AT; every read looks at it (or the sum)
+
+WRITES = {
+    "fill": lambda buf: buf.fill_(NEW),
+    "setitem": lambda buf: buf.__setitem__(AT, NEW),
+    "numpy": lambda buf: buf.numpy().__setitem__(slice(None), NEW),
+    "add": lambda buf: buf.add_(NEW - OLD),
+}
+READS = {  # name -> (read, the value a read after the copy completed sees)
+    "tolist": (lambda out: out.tolist()[AT], NEW),
+    "sum": (lambda out: float(out.sum()), NEW * N),
+    "numpy": (lambda out: float(out.numpy()[AT]), NEW),
+}
+
+
+def _poll(event) -> None:
+    while not event.query():
+        time.sleep(0.0002)
+
+
+def _transitive(stream, event, before) -> None:
+    """The current stream waits the copy's event; the host waits an event after that wait."""
+    current = torch.cuda.current_stream()
+    current.wait_event(event)
+    after = torch.cuda.Event()
+    after.record(current)
+    after.synchronize()
+
+
+FENCES = {  # name -> (fence(copy stream, event after the copy, event before the copy), racy)
+    "none": (lambda stream, event, before: None, True),
+    "wrong_event": (lambda stream, event, before: before.synchronize(), True),
+    "event_sync": (lambda stream, event, before: event.synchronize(), False),
+    "stream_sync": (lambda stream, event, before: stream.synchronize(), False),
+    "query_poll": (lambda stream, event, before: _poll(event), False),
+    "transitive": (_transitive, False),
+}
+
+
+@dataclass(frozen=True)
+class RaceScenario:
+    direction: str          # "h2d" (host write to a pending copy's source) | "d2h" (early read)
+    access: str             # a key of WRITES (h2d) or READS (d2h)
+    fence: str              # a key of FENCES
+    stream: str = "current"  # "current" | "side": the stream the copy runs on
+    must_detect: bool = True  # False: reported, not scored (a race the checker cannot see)
+    note: str = ""
+
+    @property
+    def name(self) -> str:
+        return f"{self.direction}_{self.stream}_{self.access}_{self.fence}"
+
+    @property
+    def racy(self) -> bool:
+        return FENCES[self.fence][1]
+
+
+def _scenarios() -> list[RaceScenario]:
+    out = [RaceScenario("h2d", w, f) for w in WRITES
+           for f in ("none", "event_sync", "stream_sync", "query_poll")]
+    out += [RaceScenario("h2d", "fill", "none", "side"),
+            RaceScenario("h2d", "fill", "transitive", "side"),
+            RaceScenario("h2d", "setitem", "wrong_event", "side")]
+    for r in READS:
+        out += [RaceScenario("d2h", r, "none", must_detect=r != "numpy",
+                             note="a read through a numpy view is invisible to torch"
+                             if r == "numpy" else ""),
+                RaceScenario("d2h", r, "event_sync")]
+    out += [RaceScenario("d2h", "tolist", "query_poll"), RaceScenario("d2h", "sum", "stream_sync"),
+            RaceScenario("d2h", "tolist", "event_sync", "side",
+                         note="side.wait_event(producer) + host waits the side-stream event"),
+            RaceScenario("d2h", "tolist", "transitive", "side"),
+            RaceScenario("d2h", "tolist", "wrong_event", "side",
+                         note="host waits an event recorded before the side copy")]
+    return out
+
+
+SCENARIOS: list[RaceScenario] = _scenarios()
+
+
+def _h2d(sc: RaceScenario, cycles: int):
+    """Returns (body, observe): body runs the scenario; observe() -> corruption observed."""
+    buf = torch.full((N,), OLD, pin_memory=True)
+    dev = torch.zeros(N, device="cuda")
+    torch.cuda.synchronize()
+    stream = side_stream() if sc.stream == "side" else torch.cuda.current_stream()
+
+    def body() -> None:
+        with torch.cuda.stream(stream):
+            before = torch.cuda.Event()
+            before.record(stream)
+            torch.cuda._sleep(cycles)
+            dev.copy_(buf, non_blocking=True)
+            event = torch.cuda.Event()
+            event.record(stream)
+        FENCES[sc.fence][0](stream, event, before)
+        WRITES[sc.access](buf)
+        event.synchronize()  # the host observes completion: numpy writes are found here
+
+    return body, lambda: dev[AT].item() == NEW
+
+
+def _d2h(sc: RaceScenario, cycles: int):
+    out = torch.zeros(N, pin_memory=True)
+    dev = torch.zeros(N, device="cuda")
+    torch.cuda.synchronize()
+    current = torch.cuda.current_stream()
+    stream = side_stream() if sc.stream == "side" else current
+    read, fresh = READS[sc.access]
+    seen = []
+
+    def body() -> None:
+        torch.cuda._sleep(cycles)  # a slow producer on the current stream
+        dev.fill_(NEW)
+        produced = torch.cuda.Event()
+        produced.record(current)
+        if stream is not current:
+            stream.wait_event(produced)
+        with torch.cuda.stream(stream):
+            before = torch.cuda.Event()
+            before.record(stream)
+            if stream is not current:
+                torch.cuda._sleep(cycles)  # widen the side copy too
+            out.copy_(dev, non_blocking=True)
+            event = torch.cuda.Event()
+            event.record(stream)
+        FENCES[sc.fence][0](stream, event, before)
+        seen.append(read(out))
+        event.synchronize()
+
+    return body, lambda: seen[-1] != fresh
+
+
+def run_scenario(sc: RaceScenario, cycles: int) -> dict:
+    import sync_guard
+    row = {"name": sc.name, "direction": sc.direction, "access": sc.access, "fence": sc.fence,
+           "stream": sc.stream, "racy": sc.racy, "must_detect": sc.must_detect, "note": sc.note,
+           "detected": None, "report": None, "corruption_observed": None, "error": None}
+    setup = _h2d if sc.direction == "h2d" else _d2h
+    try:
+        body, observe = setup(sc, cycles)  # the effect, with no checker armed
+        body()
+        torch.cuda.synchronize()
+        row["corruption_observed"] = observe()
+        body, _ = setup(sc, cycles)
+        try:
+            with sync_guard.race_check():
+                body()
+            row["detected"] = False
+        except sync_guard.BufferRace as race:
+            row["detected"], row["report"] = True, str(race).splitlines()[0]
+    except Exception as exc:  # noqa: BLE001 - a crash is a finding, not an abort
+        row["error"] = repr(exc)
+    torch.cuda.synchronize()
+    return row
+
+
+def summarize_races(rows: list[dict]) -> dict:
+    scored = [r for r in rows if r["must_detect"] or not r["racy"]]
+    correct = [r for r in scored if r["error"] is None and r["detected"] == r["racy"]]
+    return {
+        "scored": len(scored), "correct": len(correct),
+        "mismatches": [r["name"] for r in scored if r not in correct],
+        "informative": {r["name"]: r["detected"] for r in rows if r not in scored},
+        "errors": {r["name"]: r["error"] for r in rows if r["error"]},
+        "racy_without_corruption": [r["name"] for r in rows
+                                    if r["racy"] and r["corruption_observed"] is False],
+        "fenced_with_corruption": [r["name"] for r in rows
+                                   if not r["racy"] and r["corruption_observed"]],
+        "ok": bool(scored) and len(correct) == len(scored),
+    }
+
+
+def run_race_corpus(widen_ms: float = 20.0, names: list[str] | None = None) -> dict:
+    with unguarded():
+        cycles = sleep_cycles(widen_ms)
+        rows = [run_scenario(sc, cycles) for sc in SCENARIOS if names is None or sc.name in names]
+    return {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
+            "widen_ms": widen_ms, "scenarios": rows, "summary": summarize_races(rows)}
+
+
+def print_race_report(result: dict) -> None:
+    print(f"\nrace corpus on {result['device']}, copies delayed {result['widen_ms']} ms")
+    print(f"{'scenario':36} {'truth':6} {'guard':6} {'corrupted':9} report")
+    for r in result["scenarios"]:
+        mark = "" if not r["must_detect"] and r["racy"] else (
+            " !!" if r["detected"] != r["racy"] else "")
+        mark += " (informative)" if not r["must_detect"] and r["racy"] else ""
+        text = f"ERROR {r['error']}" if r["error"] else (r["report"] or "")
+        verdict = {True: "race", False: "-", None: "?"}[r["detected"]]
+        print(f"{r['name']:36} {'race' if r['racy'] else 'clean':6} {verdict:6} "
+              f"{str(r['corruption_observed']):9} {text[:90]}{mark}")
+    s = result["summary"]
+    print(f"race accuracy: {s['correct']}/{s['scored']}")
+    print(f"race mismatches: {s['mismatches']}; informative (not scored): {s['informative']}")
+    print(f"racy but no corruption seen: {s['racy_without_corruption']}; "
+          f"fenced but corrupted: {s['fenced_with_corruption']}")
