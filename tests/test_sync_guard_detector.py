@@ -176,6 +176,6 @@ def test_an_armed_guard_leaves_other_libraries_results_unchanged(hf_checkpoint):
         pass  # installs the patches
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
     rotary = next(m for name, m in model.named_modules() if name.endswith("rotary_emb"))
-    dim = model.config.head_dim
-    expected = 1.0 / (model.config.rope_theta ** (torch.arange(0, dim, 2).float() / dim))
-    torch.testing.assert_close(rotary.inv_freq, expected)
+    fresh = type(rotary)(model.config)  # the same module built outside any loading machinery
+    assert rotary.inv_freq.abs().sum() > 0
+    torch.testing.assert_close(rotary.inv_freq, fresh.inv_freq)
