@@ -6,8 +6,10 @@ for code outside any scope, comes from the ``SYNC_GUARD`` environment variable (
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import sys
 import threading
 import traceback
 from contextlib import ContextDecorator
@@ -23,6 +25,7 @@ logger = logging.getLogger("sync_guard")
 
 _PACKAGE_DIR = str(Path(__file__).parent)
 _TORCH_DIR = str(Path(torch.__file__).parent)
+_SKIPPED = (_PACKAGE_DIR, _TORCH_DIR, str(Path(contextlib.__file__)))
 
 
 class GuardError(RuntimeError):
@@ -40,10 +43,21 @@ DEFAULT_LEVEL = _read_default()
 
 
 def user_frames() -> list[traceback.FrameSummary]:
-    """The caller's stack without the guard's and torch's own frames."""
-    return [f for f in traceback.extract_stack()[:-1]
-            if not f.filename.startswith((_PACKAGE_DIR, _TORCH_DIR))
-            and "contextlib" not in f.filename]
+    """The caller's stack without the guard's and torch's own frames.
+
+    Built straight from the frame objects, without reading source lines (they are read when a
+    report is printed): this runs for every tracked copy and every allowed wait.
+    """
+    frames = []
+    frame = sys._getframe(1)
+    while frame is not None:
+        filename = frame.f_code.co_filename
+        if not filename.startswith(_SKIPPED):
+            frames.append(traceback.FrameSummary(filename, frame.f_lineno, frame.f_code.co_name,
+                                                 lookup_line=False))
+        frame = frame.f_back
+    frames.reverse()
+    return frames
 
 
 def thread_name() -> str:

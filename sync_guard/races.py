@@ -283,9 +283,19 @@ class _RaceMode(TorchDispatchMode):
             if host.is_pinned():  # pageable memory makes the copy synchronous for the host side
                 armed.hb.enqueue(direction, host, torch.cuda.current_stream())
             return out
-        if armed.hb.pending and func.overloadpacket not in _METADATA_ONLY:
+        if armed.hb.pending and _touches_host(args, kwargs) and (
+                func.overloadpacket not in _METADATA_ONLY):
             _check_args(armed.hb, func, args, kwargs)
         return func(*args, **kwargs)
+
+
+def _touches_host(args, kwargs) -> bool:
+    """A cheap first look: most ops of a CUDA step take no CPU tensor at all."""
+    for value in (*args, *kwargs.values()):
+        for t in value if isinstance(value, (list, tuple)) else (value,):
+            if isinstance(t, torch.Tensor) and t.device.type == "cpu":
+                return True
+    return False
 
 
 def _check_args(hb: _HB, func, args, kwargs) -> None:
