@@ -157,7 +157,11 @@ class Scope(ContextDecorator):
         self._tokens: list = []
 
     def __enter__(self) -> list[SyncReport]:
-        frame = _Frame(self.level, _current.get(), self.records, self.reason, self.first_only)
+        parent = _current.get()
+        if self.level == "allow" and parent is None and DEFAULT_LEVEL == "allow":
+            self._tokens.append(None)  # nothing is guarded here: the allowance has no effect
+            return self.records
+        frame = _Frame(self.level, parent, self.records, self.reason, self.first_only)
         self._tokens.append(_current.set(frame))
         if self.level != "allow":  # an allowance only matters inside a scope that armed already
             from .detector import arm_thread
@@ -168,4 +172,6 @@ class Scope(ContextDecorator):
         if self.level != "allow":
             from .detector import disarm_thread
             disarm_thread()
-        _current.reset(self._tokens.pop())
+        token = self._tokens.pop()
+        if token is not None:
+            _current.reset(token)

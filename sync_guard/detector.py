@@ -136,24 +136,17 @@ def _propagate_sim_memory(args, out) -> None:
             hooks.register_device_memory(t)
 
 
-_local = threading.local()
+_thread_mode = hooks.ThreadMode(_SyncMode)
 
 
 def arm_thread() -> None:
     """Push the dispatch mode on this thread when its first scope opens."""
     _install_patches()
-    count = getattr(_local, "count", 0)
-    if count == 0:
-        _local.mode = _SyncMode()
-        _local.mode.__enter__()
-    _local.count = count + 1
+    _thread_mode.arm()
 
 
 def disarm_thread() -> None:
-    _local.count -= 1
-    if _local.count == 0:
-        _local.mode.__exit__(None, None, None)
-        del _local.mode
+    _thread_mode.disarm()
 
 
 def _explicit(name: str, original):

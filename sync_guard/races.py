@@ -309,23 +309,7 @@ def _check_args(hb: _HB, func, args, kwargs) -> None:
                 hb.access(t, alias is not None, str(func))
 
 
-_local = threading.local()
-
-
-def _arm_thread() -> None:
-    """Push the dispatch mode on this thread when its first checker scope opens."""
-    count = getattr(_local, "count", 0)
-    if count == 0:
-        _local.mode = _RaceMode()
-        _local.mode.__enter__()
-    _local.count = count + 1
-
-
-def _disarm_thread() -> None:
-    _local.count -= 1
-    if _local.count == 0:
-        _local.mode.__exit__(None, None, None)
-        del _local.mode
+_thread_mode = hooks.ThreadMode(_RaceMode)
 
 
 def _host_read(name: str, original: Callable) -> Callable:
@@ -413,10 +397,10 @@ class race_check:
         shared = outer is not None and outer.thread == thread
         widen_ms = outer.widen_ms if shared and self.widen_ms is None else self.widen_ms
         self._tokens.append(_armed.set(_Armed(outer.hb if shared else _HB(), widen_ms, thread)))
-        _arm_thread()
+        _thread_mode.arm()
 
     def __exit__(self, exc_type, *exc) -> None:
-        _disarm_thread()
+        _thread_mode.disarm()
         armed = _armed.get()
         _armed.reset(self._tokens.pop())
         outer = _armed.get()
