@@ -198,6 +198,8 @@ class InputBatch:
     @staticmethod
     def _penalty_arrays(rows, slots) -> list[list[int]]:
         """Slots to reset, then (flat index, slot) of output tokens and of prompt tokens."""
+        if not any(r.request.sampling_params.has_penalties for r in rows):
+            return []  # the common case: no per-row walk at all
         reset: list[int] = []
         out_idx: list[int] = []
         out_slots: list[int] = []
@@ -216,6 +218,4 @@ class InputBatch:
             prompt_slots += [slots[i]] * num_prompt
             out_idx += range(first + num_prompt, first + n)
             out_slots += [slots[i]] * (n - num_prompt)
-        if not any(r.request.sampling_params.has_penalties for r in rows):
-            return []
         return [reset, out_idx, out_slots, prompt_idx, prompt_slots]
