@@ -17,8 +17,8 @@ from pathlib import Path
 
 import torch
 
-from engine import LLM, SamplingParams
-from engine.models.default import random_llama_weights, write_checkpoint
+from lockstep.engine import LLM, SamplingParams
+from lockstep.engine.models.default import random_llama_weights, write_checkpoint
 
 LLAMA_3_2_1B = {
     "model_type": "llama", "architectures": ["LlamaForCausalLM"], "vocab_size": 128256,

@@ -6,7 +6,9 @@ import sys
 
 
 def main(argv: list[str] | None = None) -> int:
+    from lockstep import __version__
     parser = argparse.ArgumentParser(prog="lockstep", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"lockstep {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     gate = sub.add_parser("gate", help="run the regression gate (exit status 1 on failure)")
     gate.add_argument("--model", default=None,

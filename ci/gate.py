@@ -8,7 +8,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 
-from engine import LLM, SamplingParams
+from lockstep.engine import LLM, SamplingParams
 
 Check = Callable[[str | None, str], str]
 

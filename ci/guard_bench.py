@@ -15,9 +15,9 @@ from pathlib import Path
 import torch
 
 import sync_guard
-from engine import LLM
-from engine.core import EngineCore
-from engine.models.default import random_llama_weights, write_checkpoint
+from lockstep.engine import LLM
+from lockstep.engine.core import EngineCore
+from lockstep.engine.models.default import random_llama_weights, write_checkpoint
 
 from .bench import LLAMA_3_2_1B, TINY, engine_tpot
 

@@ -12,7 +12,7 @@ in a host wait) is not.
 * ``corruption_observed`` (informative, no guard): for H2D, the device received the host's *new*
   value; for D2H, the host read a stale value. Racy scenarios should show it, fenced ones not.
 
-Run by ``python -m ci.sync_corpus`` (see there) or ``run_race_corpus()``.
+Run by ``python -m lockstep.ci.sync_corpus`` (see there) or ``run_race_corpus()``.
 """
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """The sync corpus: small torch snippets, each judged by a timing oracle, sync_guard and torch.
 
-``python -m ci.sync_corpus [--out FILE.json] [--no-races] [--no-syncs]`` on a CUDA GPU.
+``python -m lockstep.ci.sync_corpus [--out FILE.json] [--no-races] [--no-syncs]`` on a CUDA GPU.
 
 Ground truth (the oracle): ``torch.cuda._sleep`` worth ``SLEEP_MS`` is queued on the current stream,
 then the snippet is called and timed on the host. It *syncs* when the call took more than half the
@@ -402,7 +402,7 @@ def print_sync_report(result: dict) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m ci.sync_corpus", description=__doc__,
+    parser = argparse.ArgumentParser(prog="python -m lockstep.ci.sync_corpus", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", help="write the results as JSON here")
     parser.add_argument("--races", action="store_true", help="run the race corpus (the default)")

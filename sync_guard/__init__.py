@@ -10,33 +10,54 @@
 
 Every report names the operation, the thread and the user's frames.
 """
-from contextlib import contextmanager
-from typing import Iterator
+from __future__ import annotations
 
-from ._scope import DEFAULT_LEVEL, GuardError, Scope, SyncReport, SyncViolation
-from .races import BufferRace, race_check
+import importlib
+from contextlib import contextmanager
+from typing import TYPE_CHECKING, Any, Iterator
+
+if TYPE_CHECKING:
+    from ._scope import DEFAULT_LEVEL, GuardError, Scope, SyncReport, SyncViolation
+    from .races import BufferRace, race_check
 
 __all__ = ["disallow", "log", "allow", "race_check", "armed", "Scope", "SyncViolation",
            "BufferRace", "GuardError", "SyncReport", "DEFAULT_LEVEL"]
 
+# Torch is imported on first use of the guard, not by ``import sync_guard``: the pytest plugin
+# lives in this package and must cost nothing in a test run that never guards anything.
+_LAZY = {"Scope": "_scope", "SyncViolation": "_scope", "GuardError": "_scope",
+         "SyncReport": "_scope", "DEFAULT_LEVEL": "_scope", "BufferRace": "races",
+         "race_check": "races"}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+    raise AttributeError(f"module 'sync_guard' has no attribute {name!r}")
+
 
 def disallow() -> Scope:
     """Any host sync inside raises :class:`SyncViolation`."""
+    from ._scope import Scope
     return Scope("disallow")
 
 
 def log() -> Scope:
     """Host syncs inside are logged (logger ``sync_guard``) and recorded, not raised."""
+    from ._scope import Scope
     return Scope("log")
 
 
 def allow(reason: str, first_only: bool = False) -> Scope:
     """Syncs inside are expected (``reason`` says why); with ``first_only``, only the first is."""
+    from ._scope import Scope
     return Scope("allow", reason, first_only)
 
 
 @contextmanager
 def armed(level: str = "disallow", widen_ms: float | None = None) -> Iterator[list[SyncReport]]:
     """The sync detector at ``level`` plus the race checker: what ``nosync`` tests run under."""
+    from ._scope import Scope
+    from .races import race_check
     with Scope(level) as reports, race_check(widen_ms=widen_ms):
         yield reports

@@ -9,7 +9,8 @@ Three layers, all judged per calling context by :func:`_scope.check_sync`:
 * on the ``sim`` device, host reads of registered device memory (``tolist``/``numpy``/``cpu``,
   which never reach the dispatcher for CPU tensors) and the sim layer's own waits, through
   :mod:`sync_guard.hooks`.
-Torch's own sync debug mode is not used: it is process-global (see DESIGN.md).
+Torch's own sync debug mode is not used: it is process-global, so arming it
+in one thread would judge every other thread's legitimate waits too.
 """
 from __future__ import annotations
 

@@ -7,7 +7,7 @@ import weakref
 import pytest
 import torch
 
-from engine.core import EngineCore
+from lockstep.engine.core import EngineCore
 
 _LIVE_ENGINES: "weakref.WeakSet[EngineCore]" = weakref.WeakSet()
 _original_init = EngineCore.__init__

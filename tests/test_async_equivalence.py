@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import pytest
 
-from engine import LLM, SamplingParams
+from lockstep.engine import LLM, SamplingParams
 
 pytestmark = pytest.mark.nosync
 

@@ -12,9 +12,9 @@ import pickle
 import pytest
 import torch
 
-from engine import LLM, RequestOutput, SamplingParams
-from engine.core import EngineCore
-from engine.models.default import DEFAULT_CONFIG, random_llama_weights, write_checkpoint
+from lockstep.engine import LLM, RequestOutput, SamplingParams
+from lockstep.engine.core import EngineCore
+from lockstep.engine.models.default import DEFAULT_CONFIG, random_llama_weights, write_checkpoint
 
 VOCAB = 512  # the oracle's
 MAX_MODEL_LEN = 64

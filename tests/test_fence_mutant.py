@@ -4,8 +4,8 @@ from __future__ import annotations
 import pytest
 
 import sync_guard
-from engine import LLM, SamplingParams
-from engine.device import HostBuffer
+from lockstep.engine import LLM, SamplingParams
+from lockstep.engine.device import HostBuffer
 
 RUNS = 100
 TARGETS = [("sim", "eager"), ("sim", "lazy"), ("sim", "threaded"),

@@ -5,10 +5,10 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from engine import LLM, SamplingParams
-from engine.models.attention import AttentionMetadata
+from lockstep.engine import LLM, SamplingParams
+from lockstep.engine.models.attention import AttentionMetadata
 
-from .conftest import DEVICES
+from conftest import DEVICES
 
 FAMILIES = ["llama", "qwen2", "qwen3"]
 PROMPT_LENGTHS = [3, 17, 40, 9, 64]

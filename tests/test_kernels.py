@@ -4,9 +4,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from engine.kernels import rms_norm, rope_kv, silu_mul
-from engine.kernels.decode_attention import decode_attention
-from engine.models.attention import AttentionMetadata, torch_paged_attention
+from lockstep.engine.kernels import rms_norm, rope_kv, silu_mul
+from lockstep.engine.kernels.decode_attention import decode_attention
+from lockstep.engine.models.attention import AttentionMetadata, torch_paged_attention
 
 pytestmark = pytest.mark.gpu
 pytest.importorskip("triton")

@@ -1,9 +1,6 @@
 """The ``nosync`` pytest plugin: marked tests fail on a host sync or a buffer race in a step."""
 from __future__ import annotations
 
-import os
-from pathlib import Path
-
 import pytest
 
 pytest_plugins = ["pytester"]
@@ -11,9 +8,9 @@ pytest_plugins = ["pytester"]
 HEADER = '''
 import pytest
 import torch
-from engine import LLM, SamplingParams
-from engine.device import HostBuffer
-from engine.model_runner import ModelRunner
+from lockstep.engine import LLM, SamplingParams
+from lockstep.engine.device import HostBuffer
+from lockstep.engine.model_runner import ModelRunner
 
 def generate(policy="lazy", async_scheduling=True):
     llm = LLM(model="oracle", device="sim", sim_policy=policy, async_scheduling=async_scheduling)
@@ -30,17 +27,13 @@ def plant_sync(monkeypatch):
 '''
 
 
-REPO = str(Path(__file__).resolve().parents[1])
-
-
 @pytest.fixture
-def run(pytester, monkeypatch):
-    """Run a test file (HEADER + body) in a fresh pytest process with the plugin loaded."""
-    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [REPO, os.getenv("PYTHONPATH")])))
+def run(pytester):
+    """Run a test file (HEADER + body) in a fresh pytest process (the installed plugin loads)."""
 
     def run_file(body: str, *args: str):
         pytester.makepyfile(test_case=HEADER + body)
-        return pytester.runpytest_subprocess("-p", "sync_guard.pytest_plugin", "-q", *args)
+        return pytester.runpytest_subprocess("-q", *args)
     return run_file
 
 
@@ -102,7 +95,7 @@ def test_target_none_guards_the_whole_test_body(run):
     result = run('''
 @pytest.mark.nosync(target=None)
 def test_body():
-    from engine.sim import SimDevice
+    from lockstep.engine.sim import SimDevice
     SimDevice("eager").zeros(2, dtype=torch.float32).tolist()
 ''')
     result.assert_outcomes(failed=1)
@@ -112,7 +105,7 @@ def test_the_no_sync_fixture_arms_the_configured_guard(run):
     result = run('''
 import sync_guard
 def test_fixture(no_sync, sync_guard_options):
-    from engine.sim import SimDevice
+    from lockstep.engine.sim import SimDevice
     x = SimDevice("eager").zeros(2, dtype=torch.float32)
     assert sync_guard_options.level == "log"
     with no_sync() as reports:

@@ -16,8 +16,8 @@ from dataclasses import replace
 import pytest
 import torch
 
-from engine import LLM, RequestOutput, SamplingParams
-from engine.models.attention import AttentionMetadata
+from lockstep.engine import LLM, RequestOutput, SamplingParams
+from lockstep.engine.models.attention import AttentionMetadata
 
 VOCAB = 512
 ORACLE_EOS = 0

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from engine.sim import SimDevice
+from lockstep.engine.sim import SimDevice
 
 
 def test_lazy_host_read_before_waiting_sees_stale_data():

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from ci.race_corpus import print_race_report, run_race_corpus
-from ci.sync_corpus import print_sync_report, run_sync_corpus
+from lockstep.ci.race_corpus import print_race_report, run_race_corpus
+from lockstep.ci.sync_corpus import print_sync_report, run_sync_corpus
 
 pytestmark = pytest.mark.gpu
 

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import sync_guard
-from engine.sim import SimDevice
+from lockstep.engine.sim import SimDevice
 
 
 @pytest.fixture
@@ -152,18 +152,18 @@ def test_nothing_is_checked_outside_a_scope(x):
 
 def test_the_environment_variable_sets_the_default_level():
     code = ("import torch, sync_guard\n"
-            "from engine.sim import SimDevice\n"
+            "from lockstep.engine.sim import SimDevice\n"
             "x = SimDevice('eager').zeros(2, dtype=torch.float32)\n"
             "try:\n    torch.cuda.synchronize() if torch.cuda.is_available() else "
             "SimDevice('eager').compute.synchronize()\nexcept sync_guard.SyncViolation:\n"
             "    print('raised')\n")
-    env = dict(os.environ, SYNC_GUARD="disallow", PYTHONPATH=os.getcwd())
+    env = dict(os.environ, SYNC_GUARD="disallow")
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
                          check=True)
     assert out.stdout.strip() == "raised"
     bad = dict(env, SYNC_GUARD="sometimes")
-    failed = subprocess.run([sys.executable, "-c", "import sync_guard"], env=bad,
-                            capture_output=True, text=True)
+    failed = subprocess.run([sys.executable, "-c", "import sync_guard; sync_guard.disallow()"],
+                            env=bad, capture_output=True, text=True)
     assert failed.returncode != 0 and "SYNC_GUARD='sometimes'" in failed.stderr
 
 

@@ -13,7 +13,7 @@ import threading
 import pytest
 import torch
 
-from engine.sim import SimDevice
+from lockstep.engine.sim import SimDevice
 from sync_guard import hooks, races
 from sync_guard.races import BufferRace, race_check
 

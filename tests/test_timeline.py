@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from engine import LLM, SamplingParams
+from lockstep.engine import LLM, SamplingParams
 
 TARGETS = [("sim", "lazy"), ("sim", "threaded"), pytest.param(("cuda", "eager"),
                                                                 marks=pytest.mark.gpu)]
