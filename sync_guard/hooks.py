@@ -34,8 +34,15 @@ def in_device_work() -> bool:
 
 
 def register_device_memory(tensor: torch.Tensor) -> None:
-    """Mark ``tensor``'s storage as device memory (a host read of it is then a sync)."""
-    ptr = tensor.untyped_storage().data_ptr()
+    """Mark ``tensor``'s storage as device memory (a host read of it is then a sync).
+
+    A zero-size storage holds nothing to wait for, and every one of them has ``data_ptr`` 0:
+    keying it would make every empty host tensor count as device memory.
+    """
+    storage = tensor.untyped_storage()
+    if storage.nbytes() == 0:
+        return
+    ptr = storage.data_ptr()
     _device_memory[ptr] = weakref.ref(tensor, lambda _, p=ptr: _device_memory.pop(p, None))
 
 
@@ -48,7 +55,10 @@ def is_device_memory(tensor: torch.Tensor) -> bool:
         return True
     if not _device_memory or tensor.device.type != "cpu":
         return False
-    ref = _device_memory.get(tensor.untyped_storage().data_ptr())
+    storage = tensor.untyped_storage()
+    if storage.nbytes() == 0:
+        return False
+    ref = _device_memory.get(storage.data_ptr())
     return ref is not None and ref() is not None
 
 

@@ -146,6 +146,16 @@ def test_another_threads_syncs_are_not_judged_by_this_threads_scope(x):
     assert errors == [] and reports == []
 
 
+def test_a_live_empty_device_tensor_does_not_make_empty_host_tensors_device_memory(dev):
+    empty_on_device = dev.empty(0, 3, dtype=torch.float32)  # every empty storage has data_ptr 0
+    with sync_guard.disallow():
+        assert torch.empty(0, 3).tolist() == []
+    with pytest.raises(sync_guard.SyncViolation):
+        with sync_guard.disallow():
+            dev.zeros(2, dtype=torch.float32).tolist()
+    del empty_on_device
+
+
 def test_nothing_is_checked_outside_a_scope(x):
     x.tolist()  # the default level is allow
 
