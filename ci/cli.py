@@ -28,7 +28,18 @@ def main(argv: list[str] | None = None) -> int:
     guard.add_argument("--batch-sizes", default="1,8")
     guard.add_argument("--shape", default="llama-3.2-1b", choices=["llama-3.2-1b", "tiny"])
     guard.add_argument("--out", default=None, help="write the results as JSON here")
+    rep = sub.add_parser("replay", help="re-run a saved failing workload and print the report")
+    rep.add_argument("file", help="a workload JSON file written by a failing property")
+    rep.add_argument("--device", default="sim", choices=["sim", "cuda"])
+    rep.add_argument("--policy", default=None, choices=["eager", "lazy", "threaded"],
+                     help="one sim policy (default: all three)")
     args = parser.parse_args(argv)
+    if args.command == "replay":
+        if args.device == "cuda" and not _cuda_available():
+            print("lockstep replay: --device cuda but no CUDA device is available")
+            return 2
+        from lockstep.property_tests.replay import replay
+        return replay(args.file, device=args.device, policy=args.policy)
     if args.command == "gate":
         from .gate import run_gate
         return run_gate(model=args.model, device=args.device)
@@ -42,6 +53,11 @@ def main(argv: list[str] | None = None) -> int:
               shape=args.shape, short=args.short, long=args.long, out=args.out,
               hf_baseline=not args.no_transformers)
     return 0
+
+
+def _cuda_available() -> bool:
+    import torch
+    return torch.cuda.is_available()
 
 
 if __name__ == "__main__":

@@ -1,5 +1,24 @@
-"""Property-based differential tests of async vs sync scheduling (hypothesis strategies, runner).
+"""Property-based differential testing of async vs sync scheduling.
 
-Not built yet: the async-equivalence tests in ``tests/test_async_equivalence.py`` cover the fixed
-scenarios for now. The package exists so that the layout matches the design.
+* :class:`Workload` (with :class:`EngineSpec`, :class:`RequestSpec`, :class:`AbortSpec`): one
+  serialisable value holding everything a run depends on.
+* :func:`workloads`: hypothesis strategies aimed at the hard states.
+* :func:`run_differential`: sync vs async on every sim policy vs each request alone.
+* :class:`EngineUnderTest`: the protocol through which the harness drives an engine
+  (:class:`LockstepEngine` is the first implementation).
+* :class:`EngineMachine` and ``TestEngineMachine``: the stateful machine.
+* ``lockstep replay FILE`` and ``lockstep fuzz``: see ``docs/property_tests.md``.
 """
+from .comparator import Divergence
+from .differential import DifferentialReport, run_differential
+from .driver import EngineHang
+from .engine_under_test import EngineUnderTest, LockstepEngine, Mode, lockstep_engine
+from .invariants import InvariantViolation
+from .properties import PropertyFailure, check_workload
+from .strategies import workloads
+from .workload import AbortSpec, EngineSpec, RequestSpec, Workload
+
+__all__ = ["Workload", "EngineSpec", "RequestSpec", "AbortSpec", "workloads",
+           "run_differential", "DifferentialReport", "check_workload", "PropertyFailure",
+           "Divergence", "InvariantViolation", "EngineHang", "EngineUnderTest",
+           "LockstepEngine", "Mode", "lockstep_engine"]

@@ -1,0 +1,133 @@
+"""The engine-under-test protocol, and Lockstep's engine as its first implementation.
+
+The differential runner and the stateful machine drive engines only through
+:class:`EngineUnderTest`, so a user can point them at their own engine: write a class with these
+five methods (plus ``check_invariants``, which may do nothing) and a factory
+``(EngineSpec, Mode) -> engine``; ``docs/property_tests.md`` shows a complete adapter.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Protocol, Sequence
+
+from lockstep.engine import SamplingParams
+from lockstep.engine.config import EngineConfig
+from lockstep.engine.core import EngineCore
+
+from .invariants import EngineInvariants
+from .workload import EngineSpec
+
+
+@dataclass(frozen=True)
+class Mode:
+    """How an engine runs: sync or async scheduling, on which device and sim policy."""
+
+    async_scheduling: bool
+    device: str = "sim"
+    policy: str = "eager"
+
+    @property
+    def name(self) -> str:
+        where = f"{self.device}/{self.policy}" if self.device == "sim" else self.device
+        return f"{'async' if self.async_scheduling else 'sync'} {where}"
+
+
+SYNC = Mode(async_scheduling=False)
+ASYNC_MODES = (Mode(True, "sim", "eager"), Mode(True, "sim", "lazy"), Mode(True, "sim", "threaded"))
+
+
+class Output(Protocol):
+    """What ``step`` reports for a request that changed: cumulative ids and, at the end, why."""
+
+    request_id: str
+    token_ids: Sequence[int]
+    finish_reason: str | None
+    logprobs: Sequence[dict[int, float]] | None
+
+
+class EngineUnderTest(Protocol):
+    """The five calls the harness makes, plus an invariant hook run after every step."""
+
+    def add(self, request_id: str, prompt: list[int], params: SamplingParams,
+            arrival_index: int) -> None:
+        """Queue a request. ``arrival_index`` is its position in arrival order; an engine that
+        derives unseeded randomness from arrival order must use it (a solo run is index 0
+        otherwise), others may ignore it."""
+
+    def abort(self, request_id: str) -> bool:
+        """End an unfinished request (finish reason "abort"); False when there is none."""
+
+    def step(self) -> Sequence[Output]:
+        """Advance the engine; outputs of the requests that changed."""
+
+    def has_unfinished(self) -> bool:
+        """True while any request (or any output of one) is still to come."""
+
+    def stats(self) -> dict:
+        """Counters for reports, e.g. ``num_steps`` and ``num_preemptions``."""
+
+    def check_invariants(self) -> None:
+        """Raise :class:`~lockstep.property_tests.invariants.InvariantViolation` when the engine's
+        internal state is inconsistent; called after every step."""
+
+
+EngineFactory = Callable[[EngineSpec, Mode], EngineUnderTest]
+
+
+class LockstepEngine:
+    """Lockstep's :class:`~lockstep.engine.core.EngineCore` behind the protocol, with its
+    internal invariants (KV blocks, slots, placeholders, budgets, overlap) checked every step."""
+
+    def __init__(self, spec: EngineSpec, mode: Mode) -> None:
+        self.mode = mode
+        self.core = EngineCore(EngineConfig(
+            model=spec.model, device=mode.device, sim_policy=mode.policy,
+            async_scheduling=mode.async_scheduling, block_size=spec.block_size,
+            num_kv_blocks=spec.num_kv_blocks, max_num_seqs=spec.max_num_seqs,
+            max_num_batched_tokens=spec.max_num_batched_tokens,
+            max_model_len=spec.max_model_len, seed=spec.seed,
+            dtype="float32" if mode.device == "cuda" else None))
+        self.invariants = EngineInvariants(self.core)
+
+    @property
+    def vocab_size(self) -> int:
+        return self.core.vocab_size
+
+    @property
+    def eos_token_ids(self) -> tuple[int, ...]:
+        return self.core.eos_token_ids
+
+    def add(self, request_id: str, prompt: list[int], params: SamplingParams,
+            arrival_index: int) -> None:
+        # the engine keys unseeded randomness on its count of added requests
+        self.core._num_added = arrival_index
+        self.core.add_request(request_id, list(prompt), params)
+
+    def abort(self, request_id: str) -> bool:
+        return self.core.abort_request(request_id)
+
+    def step(self) -> Sequence[Output]:
+        return self.core.step()
+
+    def has_unfinished(self) -> bool:
+        return self.core.has_unfinished_requests()
+
+    def stats(self) -> dict:
+        return {**self.core.stats(), **self.invariants.counters()}
+
+    def check_invariants(self) -> None:
+        self.invariants.check()
+
+    def preempt_newest(self) -> bool:
+        """Force a recompute preemption of the newest running request (the stateful machine's
+        rule); False when nothing runs."""
+        sched = self.core.scheduler
+        if not sched.running:
+            return False
+        sched._preempt(sched.running[-1])
+        return True
+
+
+def lockstep_engine(spec: EngineSpec, mode: Mode) -> LockstepEngine:
+    """The default :data:`EngineFactory`."""
+    return LockstepEngine(spec, mode)

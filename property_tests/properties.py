@@ -1,0 +1,93 @@
+"""The differential properties, usable from pytest, ``lockstep fuzz`` and ``lockstep replay``.
+
+:func:`check_workload` is one differential run that, on any failure (a divergence, an invariant,
+a hang, a host sync or a buffer race), writes the workload as a replay file and raises
+:class:`PropertyFailure` whose message ends with the replay command. Hypothesis runs the shrunk
+example last, so the file left behind holds the shrunk workload. ``async_matches_sync`` is the
+hypothesis test itself, with ``event()`` counts of the hard states reached.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from hypothesis import event, given, target
+
+import sync_guard
+
+from .comparator import Divergence
+from .differential import DifferentialReport, run_differential
+from .driver import EngineHang
+from .engine_under_test import ASYNC_MODES, Mode
+from .invariants import InvariantViolation
+from .strategies import workloads
+from .workload import Workload
+
+REPLAY_DIR_ENV = "LOCKSTEP_REPLAY_DIR"
+FAILURES = (Divergence, InvariantViolation, EngineHang, sync_guard.GuardError)
+
+
+class PropertyFailure(AssertionError):
+    """A workload failed; ``replay`` is the saved workload file."""
+
+    def __init__(self, message: str, replay: Path) -> None:
+        super().__init__(message)
+        self.replay = replay
+
+
+def replay_dir() -> Path:
+    return Path(os.environ.get(REPLAY_DIR_ENV, "lockstep-replays"))
+
+
+def check_workload(workload: Workload, name: str = "async_matches_sync",
+                   modes: tuple[Mode, ...] = ASYNC_MODES, solo: bool = True,
+                   replay_to: Path | None = None) -> DifferentialReport:
+    """Run the differential on ``workload``; on failure save it and raise PropertyFailure."""
+    path = replay_to or replay_dir() / f"{name}.json"
+    try:
+        return run_differential(workload, modes, solo=solo, replay=str(path))
+    except FAILURES as exc:
+        workload.save(path)
+        message = str(exc)
+        if "replay:" not in message:
+            message += f"\n  replay: lockstep replay {path}"
+        raise PropertyFailure(f"{type(exc).__name__}: {message}", path) from exc
+
+
+def record_states(workload: Workload, report: DifferentialReport) -> None:
+    """Tell hypothesis which hard states this example reached (``event``) and steer (``target``)."""
+    engine = workload.engine
+    params = [r.params for r in workload.requests]
+    ids = [r.request_id for r in workload.requests]
+    states = {
+        "preempted": report.stat("num_preemptions") > 0,
+        "forced preemption": bool(workload.preempt_steps),
+        "chunked prefill": any(len(r.prompt) > engine.max_num_batched_tokens
+                               for r in workload.requests),
+        "aborted a live request": any(r.aborted for r in report.runs.values()),
+        "reused an id": len(set(ids)) < len(ids),
+        "max_tokens 1": any(p.max_tokens == 1 for p in params),
+        "min_tokens == max_tokens": any(p.min_tokens == p.max_tokens > 0 for p in params),
+        "finished on a stop id": any(res.finish_reason == "stop" for run in report.runs.values()
+                                     for res in run.results.values()),
+        "penalties and none": any(p.has_penalties for p in params)
+        and not all(p.has_penalties for p in params),
+        "logprobs": any(p.logprobs is not None for p in params),
+        "seeded and unseeded": len({p.seed is None for p in params if not p.greedy}) == 2,
+        "async overlap": report.stat("overlapped_launches") > 0,
+        "near-tie accepted": report.near_ties > 0,
+    }
+    for state, reached in states.items():
+        if reached:
+            event(state)
+    target(float(report.stat("num_preemptions")), label="preemptions")
+
+
+def async_matches_sync_property(model: str | None = "oracle",
+                                modes: tuple[Mode, ...] = ASYNC_MODES):
+    """The hypothesis test: async on every mode equals sync, and sync equals each request alone."""
+    @given(workloads(model=model))
+    def async_matches_sync(workload: Workload) -> None:
+        report = check_workload(workload, f"async_matches_sync-{model or 'default'}", modes)
+        record_states(workload, report)
+    return async_matches_sync

@@ -1,0 +1,119 @@
+"""The workload: one serialisable value holding everything a differential run depends on.
+
+A workload is the engine configuration, the requests (id, prompt, sampling parameters, the driver
+step at which each arrives), the aborts (driver step, id, which use of the id), forced
+preemptions (driver steps) and, through repeated ids, request-id reuse. Requests are added in list order: one that arrives while an
+earlier one is still waiting to be added (a reused id whose previous holder has not finished)
+waits too, so every engine sees the same arrival order. It round-trips through versioned JSON
+exactly (``Workload.from_json(w.to_json()) == w``).
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from lockstep.engine import SamplingParams
+
+FORMAT_VERSION = 1
+FORMAT_NAME = "lockstep-workload"
+
+
+@dataclass(frozen=True)
+class EngineSpec:
+    """The engine configuration a workload runs under (the rest of ``LLM``'s defaults apply)."""
+
+    model: str | None = "oracle"
+    block_size: int = 4
+    num_kv_blocks: int | None = 64
+    max_num_batched_tokens: int = 64
+    max_num_seqs: int = 8
+    max_model_len: int | None = 256
+    seed: int = 0
+
+    def describe(self) -> str:
+        return ", ".join(f"{f.name}={getattr(self, f.name)!r}" for f in dataclasses.fields(self))
+
+
+@dataclass(frozen=True)
+class RequestSpec:
+    """One request: added at driver step ``arrival`` (or as soon after as its id is free)."""
+
+    request_id: str
+    prompt: tuple[int, ...]
+    params: SamplingParams
+    arrival: int = 0
+
+
+@dataclass(frozen=True)
+class AbortSpec:
+    """Abort the ``occurrence``-th request named ``request_id`` at driver step ``step``."""
+
+    step: int
+    request_id: str
+    occurrence: int = 0
+
+
+@dataclass(frozen=True)
+class Workload:
+    engine: EngineSpec = field(default_factory=EngineSpec)
+    requests: tuple[RequestSpec, ...] = ()
+    aborts: tuple[AbortSpec, ...] = ()
+    preempt_steps: tuple[int, ...] = ()   # driver steps that force-preempt the newest request
+
+    def keys(self) -> list[tuple[str, int]]:
+        """(request id, occurrence) for each request, in list order: how results are keyed."""
+        seen: dict[str, int] = {}
+        keys = []
+        for r in self.requests:
+            keys.append((r.request_id, seen.get(r.request_id, 0)))
+            seen[r.request_id] = keys[-1][1] + 1
+        return keys
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"format": FORMAT_NAME, "version": FORMAT_VERSION,
+                "engine": dataclasses.asdict(self.engine),
+                "requests": [{"request_id": r.request_id, "prompt": list(r.prompt),
+                              "params": _params_to_dict(r.params), "arrival": r.arrival}
+                             for r in self.requests],
+                "aborts": [dataclasses.asdict(a) for a in self.aborts],
+                "preempt_steps": list(self.preempt_steps)}
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=1, sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "Workload":
+        if data.get("format") != FORMAT_NAME:
+            raise ValueError(f"format={data.get('format')!r}: not a {FORMAT_NAME} file")
+        if data.get("version") != FORMAT_VERSION:
+            raise ValueError(f"version={data.get('version')!r}: this Lockstep reads version "
+                             f"{FORMAT_VERSION}")
+        requests = tuple(RequestSpec(r["request_id"], tuple(r["prompt"]),
+                                     SamplingParams(**r["params"]), r["arrival"])
+                         for r in data["requests"])
+        return cls(EngineSpec(**data["engine"]), requests,
+                   tuple(AbortSpec(**a) for a in data["aborts"]),
+                   tuple(data.get("preempt_steps", ())))
+
+    @classmethod
+    def from_json(cls, text: str) -> "Workload":
+        return cls.from_dict(json.loads(text))
+
+    def save(self, path: str | Path) -> Path:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(self.to_json() + "\n")
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path) -> "Workload":
+        return cls.from_json(Path(path).read_text())
+
+
+def _params_to_dict(params: SamplingParams) -> dict[str, Any]:
+    out = dataclasses.asdict(params)
+    out["stop_token_ids"] = list(params.stop_token_ids)
+    return out
