@@ -1,0 +1,199 @@
+"""The stateful machine: sync and async engines driven in lockstep by one sequence of rules.
+
+Rules add a request, abort a live or a just-finished id, reuse a finished id, step, force a
+preemption and drain; every rule is applied to every engine (the shape of hypothesis' own
+``test_database_agreement``). After each step the engines' invariants and output rules are
+checked; at teardown every request is compared with the sync engine's and with its solo run.
+
+The rules' history is also a :class:`Workload` (adds, then aborts, then preemptions within one
+step, which the rules' preconditions keep in that order), so a failure is saved as a replay file
+that ``lockstep replay`` re-runs exactly.
+"""
+from __future__ import annotations
+
+import sync_guard
+from hypothesis import event
+from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
+
+from .comparator import compare_runs
+from .differential import is_exact, run_solo
+from .driver import RequestResult, RunRecord
+from .engine_under_test import SYNC, Mode, lockstep_engine
+from .invariants import InvariantViolation, OutputRules
+from .properties import FAILURES, PropertyFailure, replay_dir
+from .strategies import prompts, sampling_params
+from .workload import AbortSpec, EngineSpec, RequestSpec, Workload
+
+DRAIN_BOUND = 400
+
+
+class EngineMachine(RuleBasedStateMachine):
+    """Sync and async (sim lazy) Lockstep engines under one random sequence of operations."""
+
+    modes: tuple[Mode, ...] = (SYNC, Mode(True, "sim", "lazy"))
+    factory = staticmethod(lockstep_engine)
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.step_count = 0
+        self.requests: list[RequestSpec] = []
+        self.aborts: list[AbortSpec] = []
+        self.preempts: list[int] = []
+        self.phase = 0   # 0: adds allowed, 1: aborts, 2: preemption done in this step
+        self.spec = EngineSpec()
+        self.failed = False
+        self.replay_path = replay_dir() / "engine_machine.json"
+
+    @initialize(block_size=st.sampled_from([2, 4]), extra_blocks=st.integers(0, 8),
+                budget=st.sampled_from([5, 16, 64]), max_num_seqs=st.integers(1, 6))
+    def build(self, block_size: int, extra_blocks: int, budget: int, max_num_seqs: int) -> None:
+        # room for the largest request the rules make (40 prompt + 12 new ids) and a little more
+        need = -(-52 // block_size)
+        self.spec = EngineSpec(block_size=block_size, num_kv_blocks=need + extra_blocks,
+                               max_num_batched_tokens=budget, max_num_seqs=max_num_seqs)
+        self.engines = {m.name: self.factory(self.spec, m) for m in self.modes}
+        self.rules: dict[str, dict[str, tuple[tuple[str, int], OutputRules]]] = {
+            name: {} for name in self.engines}
+        self.results: dict[str, dict[tuple[str, int], RequestResult]] = {
+            name: {} for name in self.engines}
+        self.finished_everywhere: set[str] = set()
+        self._races = sync_guard.race_check()
+        self._races.__enter__()
+
+    # -- rules --------------------------------------------------------------------------------
+
+    @precondition(lambda self: self.phase == 0)
+    @rule(data=st.data())
+    def add(self, data) -> None:
+        self._add(f"r{len(self.requests)}", data)
+
+    @precondition(lambda self: self.phase == 0 and self.finished_everywhere)
+    @rule(data=st.data())
+    def reuse_id(self, data) -> None:
+        self._add(data.draw(st.sampled_from(sorted(self.finished_everywhere))), data)
+
+    @precondition(lambda self: self.phase <= 1 and self.requests)
+    @rule(data=st.data())
+    def abort(self, data) -> None:
+        rid = data.draw(st.sampled_from(sorted({r.request_id for r in self.requests})))
+        occurrence = sum(r.request_id == rid for r in self.requests) - 1
+        self.aborts.append(AbortSpec(self.step_count, rid, occurrence))
+        for name, engine in self.engines.items():
+            if rid in self.rules[name]:
+                engine.abort(rid)
+        self.phase = 1
+
+    @precondition(lambda self: self.phase <= 1)
+    @rule()
+    def force_preemption(self) -> None:
+        self.preempts.append(self.step_count)
+        for engine in self.engines.values():
+            engine.preempt_newest()
+        self.phase = 2
+
+    @rule()
+    def step(self) -> None:
+        try:
+            for name, engine in self.engines.items():
+                with sync_guard.disallow():
+                    outputs = engine.step()
+                for out in outputs:
+                    self._observe(name, out)
+                engine.check_invariants()
+        except FAILURES as exc:
+            self._fail(exc)
+        self.step_count += 1
+        self.phase = 0
+        self._update_finished()
+
+    @rule()
+    def drain(self) -> None:
+        for _ in range(DRAIN_BOUND):
+            if not any(e.has_unfinished() for e in self.engines.values()):
+                return
+            self.step()
+        raise InvariantViolation(f"not idle after {DRAIN_BOUND} steps: "
+                                 f"{ {n: sorted(r) for n, r in self.rules.items()} }")
+
+    @invariant()
+    def idle_engines_hold_no_blocks(self) -> None:
+        for name, engine in getattr(self, "engines", {}).items():
+            stats = engine.stats()
+            if not engine.has_unfinished() and stats.get("num_free_blocks") != stats.get(
+                    "num_total_blocks"):
+                raise InvariantViolation(f"{name}: idle but KV blocks are held: {stats}")
+
+    def teardown(self) -> None:
+        if not hasattr(self, "engines"):
+            return
+        try:
+            if not self.failed:  # after a failed rule, the engines' state proves nothing more
+                self._compare_all()
+        except FAILURES as exc:
+            self._fail(exc)
+        finally:
+            self._races.__exit__(None, None, None)
+
+    def _compare_all(self) -> None:
+        self.drain()
+        workload, path, exact = self.workload(), str(self.replay_path), is_exact(self.spec)
+        records = {name: RunRecord(name, self.results[name]) for name in self.engines}
+        reference = records[SYNC.name]
+        for name, record in records.items():
+            if name != SYNC.name:
+                compare_runs(reference, record, workload, exact, path)
+        compare_runs(run_solo(workload), reference, workload, exact, path)
+        for state, reached in (("machine: preempted", self.preempts or any(
+                e.stats().get("num_preemptions") for e in self.engines.values())),
+                ("machine: reused an id", len({r.request_id for r in self.requests})
+                 < len(self.requests)), ("machine: aborted", bool(self.aborts))):
+            if reached:
+                event(state)
+
+    def _fail(self, exc: BaseException) -> None:
+        """Save the history as a replay file and raise the failure with its path."""
+        self.failed = True
+        self.workload().save(self.replay_path)
+        message = str(exc)
+        if "replay:" not in message:
+            message += f"\n  replay: lockstep replay {self.replay_path}"
+        raise PropertyFailure(f"{type(exc).__name__}: {message}", self.replay_path) from exc
+
+    # -- helpers ------------------------------------------------------------------------------
+
+    def workload(self) -> Workload:
+        return Workload(self.spec, tuple(self.requests), tuple(self.aborts), tuple(self.preempts))
+
+    def _add(self, rid: str, data) -> None:
+        request = RequestSpec(rid, data.draw(prompts(self.spec.block_size)),
+                              data.draw(sampling_params()), self.step_count)
+        index = len(self.requests)
+        occurrence = sum(r.request_id == rid for r in self.requests)
+        self.requests.append(request)
+        self.finished_everywhere.discard(rid)
+        for name, engine in self.engines.items():
+            engine.add(rid, list(request.prompt), request.params, index)
+            self.rules[name][rid] = ((rid, occurrence), OutputRules(
+                request.params, engine.eos_token_ids, f"{name}: request {rid!r}#{occurrence}"))
+
+    def _observe(self, name: str, out) -> None:
+        live = self.rules[name]
+        if out.request_id not in live:
+            raise InvariantViolation(f"{name}: output for {out.request_id!r}, which is not live: "
+                                     f"{list(out.token_ids)} {out.finish_reason}")
+        key, rules = live[out.request_id]
+        rules.observe(out.token_ids, out.finish_reason)
+        self.results[name][key] = RequestResult(
+            list(out.token_ids), out.finish_reason,
+            None if out.logprobs is None else list(out.logprobs), getattr(out, "error", None))
+        if out.finish_reason is not None:
+            del live[out.request_id]
+
+    def _update_finished(self) -> None:
+        ids = {r.request_id for r in self.requests}
+        self.finished_everywhere = {rid for rid in ids
+                                    if not any(rid in live for live in self.rules.values())}
+
+
+TestEngineMachine = EngineMachine.TestCase
