@@ -66,6 +66,9 @@ class EngineInvariants:
         if sorted(slots) != list(range(core.config.max_num_seqs)):
             problems.append(f"slots not conserved: in use {sorted(batch.slot_of.values())}, "
                             f"free {sorted(batch._free_slots)}")
+        stale = set(batch.slot_of) - live - set(sched._freed)  # freed ones go at next schedule
+        if stale:
+            problems.append(f"finished requests {sorted(stale)} keep their slots")
         in_flight = len(core._in_flight)
         for rid, req in sched.requests.items():
             if not 0 <= req.num_placeholders <= in_flight:
