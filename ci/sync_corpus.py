@@ -202,6 +202,9 @@ SNIPPETS: list[Snippet] = [
       lambda c: c.pinned_2d[:, 0].copy_(c.x, non_blocking=True), True, "silent",
       note="strided dst: copied through a pageable temporary (empty_like does not pin)"),
     # not syncs: must not be flagged
+    S("d2h_nonblocking_zero_size",
+      lambda c: torch.empty(0, pin_memory=True).copy_(c.x[:0], non_blocking=True), False,
+      "silent", note="an empty 'pinned' tensor reports is_pinned() False; nothing moves"),
     S("elementwise", lambda c: c.x * 2 + 1, False, "none"),
     S("matmul", lambda c: c.m @ c.m, False, "none"),
     S("reduction_argmax", lambda c: c.x.argmax(), False, "none"),

@@ -7,6 +7,8 @@ table is sized for ``max_model_len``; attention masks every key past a row's pos
 """
 from __future__ import annotations
 
+import gc
+
 import torch
 
 from .input_batch import StepInputs
@@ -56,11 +58,19 @@ class DecodeGraphs:
             for b in self.sizes:  # warm-up: lazy initialisation outside the graph
                 self._forward(b)
         torch.cuda.current_stream().wait_stream(side)
-        for b in reversed(self.sizes):
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=pool):
-                self.logits[b] = self._forward(b)
-            self.graphs[b] = graph
+        # A collection during capture can free or query CUDA objects of other engines, which
+        # invalidates the capture ("operation failed due to a previous error during capture").
+        collecting = gc.isenabled()
+        gc.disable()
+        try:
+            for b in reversed(self.sizes):
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph, pool=pool, capture_error_mode="thread_local"):
+                    self.logits[b] = self._forward(b)
+                self.graphs[b] = graph
+        finally:
+            if collecting:
+                gc.enable()
         torch.cuda.synchronize()
 
     def fits(self, inputs: StepInputs, num_rows: int) -> bool:

@@ -66,15 +66,20 @@ def run_differential(workload: Workload, modes: tuple[Mode, ...] = ASYNC_MODES,
                      replay: str | None = None, guard: bool = True) -> DifferentialReport:
     """Run ``workload`` on sync, on each of ``modes`` and (``solo``) each request alone; raise
     :class:`~lockstep.property_tests.comparator.Divergence` or an invariant error on failure."""
+    devices = {m.device for m in modes}
+    if len(devices) != 1:
+        raise ValueError(f"modes={[m.name for m in modes]}: give modes of one device (the sync "
+                         f"reference runs there; float logprobs differ between devices)")
+    sync = SYNC if devices == {"sim"} else Mode(False, devices.pop())
     workload = for_comparison(workload)
     exact = is_exact(workload.engine)
     report = DifferentialReport()
-    reference = report.runs[SYNC.name] = run_mode(workload, SYNC, factory, guard)
+    reference = report.runs[sync.name] = run_mode(workload, sync, factory, guard)
     for mode in modes:
         run = report.runs[mode.name] = run_mode(workload, mode, factory, guard)
         report.comparisons[mode.name] = compare_runs(reference, run, workload, exact, replay)
     if solo:
-        alone = report.runs["solo"] = run_solo(workload, factory, guard)
+        alone = report.runs["solo"] = run_solo(workload, factory, guard, sync)
         report.comparisons["solo"] = compare_runs(alone, reference, workload, exact, replay)
     return report
 
@@ -86,22 +91,23 @@ def solo_spec(spec: EngineSpec, request: RequestSpec) -> EngineSpec:
 
 
 def run_solo(workload: Workload, factory: EngineFactory = lockstep_engine,
-             guard: bool = True) -> RunRecord:
+             guard: bool = True, mode: Mode = SYNC) -> RunRecord:
     """Each request alone in a fresh sync engine (cached by request)."""
     record = RunRecord("solo")
     for index, (spec, key) in enumerate(zip(workload.requests, workload.keys())):
-        record.results[key] = solo_result(workload.engine, spec, index, factory, guard)
+        record.results[key] = solo_result(workload.engine, spec, index, factory, guard, mode)
     return record
 
 
 def solo_result(spec: EngineSpec, request: RequestSpec, index: int,
-                factory: EngineFactory = lockstep_engine, guard: bool = True) -> RequestResult:
+                factory: EngineFactory = lockstep_engine, guard: bool = True,
+                mode: Mode = SYNC) -> RequestResult:
     """``request`` alone in a fresh sync engine, as the ``index``-th arrival (cached)."""
-    cache_key = _solo_key(spec, request, index, factory)
+    cache_key = (mode, *_solo_key(spec, request, index, factory))
     if cache_key not in _solo_cache:
         alone = Workload(solo_spec(spec, request),
                          (RequestSpec(request.request_id, request.prompt, request.params, 0),))
-        engine = factory(alone.engine, SYNC)
+        engine = factory(alone.engine, mode)
         # the same arrival index as in the batched runs: unseeded streams are keyed on it
         result = drive(alone, engine, "solo", getattr(engine, "eos_token_ids", ()), guard,
                        first_arrival_index=index)

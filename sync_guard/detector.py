@@ -53,6 +53,8 @@ def _bool_index_put(args, kwargs) -> str | None:
 def _copy(args, kwargs) -> str | None:
     dst, src = args[0], args[1]
     non_blocking = kwargs.get("non_blocking", args[2] if len(args) > 2 else False)
+    if non_blocking and dst.numel() == 0:
+        return None  # nothing moves (and an empty host tensor never reports pinned)
     if _on_device(src) and _on_host(dst):
         if not non_blocking or not src.is_cuda:
             return "blocking device-to-host copy (copy_)"
