@@ -116,6 +116,8 @@ def classify(func, args, kwargs) -> str | None:
 
 
 class _SyncMode(TorchDispatchMode):
+    sync_guard_mode = True  # lifted during device work (hooks.device_work)
+
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         if hooks.in_device_work():  # the device's own work: no host sync, results stay inside

@@ -15,6 +15,7 @@ from contextvars import ContextVar
 from typing import Any, Callable, Iterator
 
 import torch
+from torch.utils import _python_dispatch
 
 _in_device_work: ContextVar[bool] = ContextVar("sync_guard_device_work", default=False)
 _device_memory: dict[int, weakref.ref] = {}  # storage data_ptr -> the allocation
@@ -22,9 +23,17 @@ _device_memory: dict[int, weakref.ref] = {}  # storage data_ptr -> the allocatio
 
 @contextmanager
 def device_work() -> Iterator[None]:
+    """Work that runs *as* the device. Both checkers exempt it, so when only the guard's own
+    dispatch modes are pushed, they are lifted for its duration: on ``sim`` every op of the
+    model runs here, and a Python call per op would cost more than the work itself."""
     token = _in_device_work.set(True)
     try:
-        yield
+        stack = _python_dispatch._get_current_dispatch_mode_stack()
+        if stack and all(getattr(m, "sync_guard_mode", False) for m in stack):
+            with _python_dispatch._disable_current_modes():
+                yield
+        else:
+            yield
     finally:
         _in_device_work.reset(token)
 

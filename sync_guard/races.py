@@ -266,6 +266,8 @@ def _calibrate() -> float:
 
 
 class _RaceMode(TorchDispatchMode):
+    sync_guard_mode = True  # lifted during device work (hooks.device_work)
+
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         armed = _active()
