@@ -17,8 +17,11 @@ def mix32(x: torch.Tensor) -> torch.Tensor:
 
 
 def mix32_int(x: int) -> int:
-    """``mix32`` on a Python int (for host-side seed derivation)."""
-    return int(mix32(torch.tensor([x & MASK32], dtype=torch.int64))[0])
+    """``mix32`` on a Python int (for host-side seed derivation): the same integer steps."""
+    x &= MASK32
+    x = ((x >> 16) ^ x) * _MUL & MASK32
+    x = ((x >> 16) ^ x) * _MUL & MASK32
+    return (x >> 16) ^ x
 
 
 def seed_key(seed: int, domain: int = 0) -> int:

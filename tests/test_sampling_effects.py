@@ -598,3 +598,10 @@ def test_max_tokens_caps_the_output_with_reason_length(oracle, max_tokens):
     out = run(oracle, [1, 2, 3], temperature=1.0, seed=0, max_tokens=max_tokens, ignore_eos=True)
     assert len(out.token_ids) == max_tokens
     assert out.finish_reason == "length"
+
+
+def test_the_host_side_mixer_computes_the_same_bits_as_the_tensor_one():
+    from lockstep.engine.hashing import mix32, mix32_int
+    values = [0, 1, 2**31, 2**32 - 1, 2**32, 2**40 + 7, 123456789] + list(range(1000, 1100))
+    tensor = mix32(torch.tensor(values, dtype=torch.int64)).tolist()
+    assert [mix32_int(v) for v in values] == tensor
