@@ -37,3 +37,28 @@ def test_a_workload_file_round_trips_and_names_its_format(tmp_path):
         Workload.from_dict({**data, "version": 99})
     with pytest.raises(ValueError, match="format="):
         Workload.from_dict({**data, "format": "something-else"})
+
+
+def test_a_failure_is_kept_in_the_example_database_and_replayed_from_it_first(
+        tmp_path, monkeypatch):
+    from hypothesis import Phase, settings
+    from hypothesis.database import DirectoryBasedExampleDatabase
+
+    from lockstep.engine.scheduler import Scheduler
+    from lockstep.property_tests.properties import PropertyFailure
+
+    def tokens_to_schedule(self, req):  # one step past max_tokens
+        if len(req.output_token_ids) + req.num_placeholders > req.sampling_params.max_tokens:
+            return 0
+        return req.num_tokens_with_placeholders - req.num_computed_tokens
+    monkeypatch.setattr(Scheduler, "_tokens_to_schedule", tokens_to_schedule)
+    monkeypatch.setenv("LOCKSTEP_REPLAY_DIR", str(tmp_path / "replays"))
+    db = DirectoryBasedExampleDatabase(str(tmp_path / "db"))
+    def prop():
+        return async_matches_sync_property("oracle", modes=(Mode(True, "sim", "lazy"),))
+    with pytest.raises(PropertyFailure):
+        settings(database=db, derandomize=False, max_examples=30)(prop())()
+    assert list((tmp_path / "db").rglob("*")), "the failure was not saved"
+    # only the reuse phase: nothing is generated, the saved example alone must fail again
+    with pytest.raises(PropertyFailure, match="past prompt \\+ max_tokens - 1"):
+        settings(database=db, derandomize=False, phases=[Phase.reuse])(prop())()
