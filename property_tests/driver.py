@@ -88,7 +88,7 @@ def drive(workload: Workload, engine: EngineUnderTest, name: str, eos_token_ids=
             else:
                 outputs = engine.step()
             for out in outputs:
-                _observe(record, live, out, name)
+                observe(record.results, live, out, name)
             engine.check_invariants()
             step += 1
             if step > limit:
@@ -98,7 +98,10 @@ def drive(workload: Workload, engine: EngineUnderTest, name: str, eos_token_ids=
     return record
 
 
-def _observe(record: RunRecord, live, out, name: str) -> None:
+def observe(results: dict[Key, RequestResult], live: dict[str, tuple[Key, OutputRules]], out,
+            name: str) -> None:
+    """Check one output against its request's rules and record it; a finished request leaves
+    ``live``. An output for an id that is not live is an invariant violation."""
     entry = live.get(out.request_id)
     if entry is None:
         raise InvariantViolation(f"{name}: output for {out.request_id!r}, which is not live "
@@ -107,8 +110,8 @@ def _observe(record: RunRecord, live, out, name: str) -> None:
     key, rules = entry
     rules.observe(out.token_ids, out.finish_reason)
     logprobs = None if out.logprobs is None else list(out.logprobs)
-    record.results[key] = RequestResult(list(out.token_ids), out.finish_reason, logprobs,
-                                        getattr(out, "error", None))
+    results[key] = RequestResult(list(out.token_ids), out.finish_reason, logprobs,
+                                 getattr(out, "error", None))
     if out.finish_reason is not None:
         del live[out.request_id]
 

@@ -18,7 +18,7 @@ from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, pr
 
 from .comparator import compare_runs
 from .differential import is_exact, run_solo
-from .driver import RequestResult, RunRecord
+from .driver import RequestResult, RunRecord, observe
 from .engine_under_test import SYNC, Mode, lockstep_engine
 from .invariants import InvariantViolation, OutputRules
 from .properties import FAILURES, PropertyFailure, replay_dir
@@ -99,7 +99,7 @@ class EngineMachine(RuleBasedStateMachine):
                 with sync_guard.disallow():
                     outputs = engine.step()
                 for out in outputs:
-                    self._observe(name, out)
+                    observe(self.results[name], self.rules[name], out, name)
                 engine.check_invariants()
         except FAILURES as exc:
             self._fail(exc)
@@ -176,19 +176,6 @@ class EngineMachine(RuleBasedStateMachine):
             engine.add(rid, list(request.prompt), request.params, index)
             self.rules[name][rid] = ((rid, occurrence), OutputRules(
                 request.params, engine.eos_token_ids, f"{name}: request {rid!r}#{occurrence}"))
-
-    def _observe(self, name: str, out) -> None:
-        live = self.rules[name]
-        if out.request_id not in live:
-            raise InvariantViolation(f"{name}: output for {out.request_id!r}, which is not live: "
-                                     f"{list(out.token_ids)} {out.finish_reason}")
-        key, rules = live[out.request_id]
-        rules.observe(out.token_ids, out.finish_reason)
-        self.results[name][key] = RequestResult(
-            list(out.token_ids), out.finish_reason,
-            None if out.logprobs is None else list(out.logprobs), getattr(out, "error", None))
-        if out.finish_reason is not None:
-            del live[out.request_id]
 
     def _update_finished(self) -> None:
         ids = {r.request_id for r in self.requests}
