@@ -33,7 +33,25 @@ def main(argv: list[str] | None = None) -> int:
     rep.add_argument("--device", default="sim", choices=["sim", "cuda"])
     rep.add_argument("--policy", default=None, choices=["eager", "lazy", "threaded"],
                      help="one sim policy (default: all three)")
+    fuzz = sub.add_parser("fuzz", help="a long fuzzing session of the differential property "
+                          "on K workers sharing one example database (exit status 1 on failure)")
+    fuzz.add_argument("--minutes", type=float, required=True, help="session length (may be 0.5)")
+    fuzz.add_argument("--workers", type=int, required=True, help="worker processes")
+    fuzz.add_argument("--db", required=True, metavar="DIR|redis://HOST:PORT",
+                      help="the shared hypothesis example database")
+    fuzz.add_argument("--out", required=True, metavar="DIR",
+                      help="replay files and logs, one folder per worker")
+    fuzz.add_argument("--profile", default="fuzz", choices=["ci", "dev", "fuzz"],
+                      help="hypothesis settings profile (default: fuzz)")
+    fuzz.add_argument("--model", default="oracle", choices=["oracle", "default"],
+                      help="the embedded model the workloads run on (default: oracle)")
     args = parser.parse_args(argv)
+    if args.command == "fuzz":
+        from pathlib import Path
+
+        from lockstep.property_tests.fuzz import FuzzConfig, run_fuzz
+        return run_fuzz(FuzzConfig(args.minutes, args.workers, args.db, Path(args.out),
+                                   args.profile, args.model))
     if args.command == "replay":
         if args.device == "cuda" and not _cuda_available():
             print("lockstep replay: --device cuda but no CUDA device is available")

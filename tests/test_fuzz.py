@@ -1,0 +1,170 @@
+"""``lockstep fuzz``: option checks, a short session on a folder database, and a failure shared
+between two processes through a real Redis server."""
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import textwrap
+import time
+
+import pytest
+
+from lockstep.ci.cli import main
+
+ROW = re.compile(r"^\s*(\d+)\s+(\d+)\s+(\d+)\s+(\d+)\s*$", re.M)
+FAIL = re.compile(r"FAIL (\w+) run (\d+), first failed at example (\d+) of the run")
+# A bug planted from outside the engine, in every process of a session (the spawned workers
+# too): when a step samples two or more rows, the last one's token is off by one. Requests
+# alone (the solo reference) and the simplest workload (one request) never see it.
+FAULT = """
+import lockstep.engine.scheduler as scheduler
+_update = scheduler.Scheduler.update_from_output
+def update_from_output(self, out, sampled, logprobs):
+    rows = [i for i, row in enumerate(out.rows) if row.samples and sampled[i] is not None]
+    if len(rows) >= 2:
+        sampled = list(sampled)
+        sampled[rows[-1]] = (sampled[rows[-1]] + 1) % 512
+    return _update(self, out, sampled, logprobs)
+scheduler.Scheduler.update_from_output = update_from_output
+"""
+# The differential property with only hypothesis' reuse phase fails only on what the database
+# already holds: on each Redis URL given.
+REUSE_ONLY = """
+import sys
+import unittest
+import redis
+from hypothesis import Phase, settings
+from hypothesis.extra.redis import RedisExampleDatabase
+from lockstep.property_tests.properties import PropertyFailure, async_matches_sync_property
+for url in sys.argv[1:]:
+    database = RedisExampleDatabase(redis.Redis.from_url(url))
+    test = settings(database=database, phases=[Phase.reuse], deadline=None)(
+        async_matches_sync_property("oracle"))
+    try:
+        test()
+    except PropertyFailure as failure:
+        print(url, "replayed:", str(failure).splitlines()[0])
+    except unittest.SkipTest:  # hypothesis ran no example at all
+        print(url, "nothing to replay")
+"""
+
+
+def python(args: list, cwd, env: dict | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, *map(str, args)], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=180)
+
+
+def fuzz(*args, cwd, env: dict | None = None) -> subprocess.CompletedProcess:
+    return python(["-m", "lockstep", "fuzz", *args], cwd, env)
+
+
+def workers(stdout: str) -> dict[int, tuple[int, int, int]]:
+    return {int(w): (int(d), int(m), int(f)) for w, d, m, f in ROW.findall(stdout)}
+
+
+@pytest.mark.parametrize("args, option", [
+    (["--minutes", "0"], "--minutes"), (["--minutes", "-1"], "--minutes"),
+    (["--workers", "0"], "--workers"), (["--db", "ftp://host/db"], "--db")])
+def test_bad_options_exit_2_naming_the_option_before_any_work(tmp_path, capsys, args, option):
+    base = {"--minutes": "0.1", "--workers": "1", "--db": str(tmp_path / "db"),
+            "--out": str(tmp_path / "out")}
+    base.update(dict(zip(args[::2], args[1::2])))
+    assert main(["fuzz", *(x for kv in base.items() for x in kv)]) == 2
+    assert option in capsys.readouterr().err
+    assert not (tmp_path / "db").exists()
+
+
+def test_an_out_folder_that_cannot_be_created_exits_2(tmp_path, capsys):
+    (tmp_path / "file").write_text("")
+    assert main(["fuzz", "--minutes", "0.1", "--workers", "1", "--db", str(tmp_path / "db"),
+                 "--out", str(tmp_path / "file" / "out")]) == 2
+    assert "--out: cannot create the folder" in capsys.readouterr().err
+
+
+def test_an_unreachable_redis_exits_2(tmp_path, capsys):
+    pytest.importorskip("redis", reason="the redis client is the `redis` extra")
+    with socket.socket() as s:   # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    assert main(["fuzz", "--minutes", "0.1", "--workers", "1", "--db",
+                 f"redis://127.0.0.1:{port}", "--out", str(tmp_path / "out")]) == 2
+    assert f"--db: cannot reach Redis at 127.0.0.1:{port}" in capsys.readouterr().err
+
+
+def test_a_short_session_on_two_workers_fills_the_folder_database(tmp_path):
+    db, out = tmp_path / "db", tmp_path / "out"
+    session = fuzz("--minutes", "0.15", "--workers", "2", "--db", db, "--out", out, cwd=tmp_path)
+    assert session.returncode == 0, session.stdout + session.stderr
+    rows = workers(session.stdout)
+    assert set(rows) == {0, 1}, session.stdout
+    assert all(d > 0 and f == 0 for d, _, f in rows.values()), session.stdout
+    for line in ("differential examples per second:", "sync+async example pairs per second:",
+                 "hard states (examples reaching each):"):
+        assert line in session.stdout
+    assert any(path.is_file() for path in db.rglob("*")), "nothing saved in the database"
+    assert (out / "worker-0" / "log.txt").exists() and (out / "worker-1" / "log.txt").exists()
+
+
+@pytest.fixture
+def redis_url(tmp_path):
+    """A real redis-server on loopback, in tmp_path, persisting nothing."""
+    server = shutil.which("redis-server")
+    if server is None:
+        pytest.skip("needs the redis-server binary (the redis-server system package)")
+    pytest.importorskip("redis", reason="the redis client is the `redis` extra")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen([server, "--port", str(port), "--bind", "127.0.0.1", "--save", "",
+                             "--appendonly", "no", "--dir", str(tmp_path)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    import redis
+    client = redis.Redis(host="127.0.0.1", port=port)
+    for _ in range(100):
+        try:
+            client.ping()
+            break
+        except redis.ConnectionError:
+            time.sleep(0.1)
+    else:
+        proc.kill()
+        pytest.fail("redis-server did not start")
+    yield f"redis://127.0.0.1:{port}", client
+    proc.terminate()
+    proc.wait(timeout=10)
+
+
+def test_a_failure_found_by_one_process_is_replayed_at_once_by_another_through_redis(
+        tmp_path, redis_url):
+    url, client = redis_url
+    (tmp_path / "fault").mkdir()
+    (tmp_path / "fault" / "sitecustomize.py").write_text(textwrap.dedent(FAULT))
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(
+        [str(tmp_path / "fault"), *filter(None, [os.environ.get("PYTHONPATH")])])}
+
+    first = fuzz("--minutes", "0.2", "--workers", "1", "--db", url, "--out", tmp_path / "first",
+                 cwd=tmp_path, env=env)
+    assert first.returncode == 1, first.stdout + first.stderr
+    assert any(m[0] == "differential" for m in FAIL.findall(first.stdout)), first.stdout
+    keys = client.keys(b"hypothesis-example:*")
+    primary = [k for k in keys if not k.endswith((b".secondary", b".pareto"))]
+    assert primary and any(client.scard(k) for k in primary), keys
+
+    second = fuzz("--minutes", "0.1", "--workers", "1", "--db", url, "--out",
+                  tmp_path / "second", cwd=tmp_path, env=env)
+    assert second.returncode == 1, second.stdout + second.stderr
+    target, run, example = FAIL.findall(second.stdout)[0]
+    assert (target, run, example) == ("differential", "0", "1"), second.stdout
+    assert (tmp_path / "second" / "worker-0" / "run-0" / "async_matches_sync-oracle.json").exists()
+
+    # the very test of the suite replays it from Redis with nothing but the reuse phase, and
+    # an empty database (another Redis db number) has nothing to replay
+    script = tmp_path / "reuse_only.py"
+    script.write_text(REUSE_ONLY)
+    replay = python([script, url, url + "/1"], tmp_path, env)
+    assert f"{url} replayed: Divergence" in replay.stdout, replay.stdout + replay.stderr
+    assert f"{url}/1 nothing to replay" in replay.stdout, replay.stdout + replay.stderr
