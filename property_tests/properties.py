@@ -86,8 +86,11 @@ def record_states(workload: Workload, report: DifferentialReport) -> None:
 def async_matches_sync_property(model: str | None = "oracle",
                                 modes: tuple[Mode, ...] = ASYNC_MODES):
     """The hypothesis test: async on every mode equals sync, and sync equals each request alone."""
-    @given(workloads(model=model))
+    name = f"async_matches_sync-{model or 'default'}"
+
     def async_matches_sync(workload: Workload) -> None:
-        report = check_workload(workload, f"async_matches_sync-{model or 'default'}", modes)
+        report = check_workload(workload, name, modes)
         record_states(workload, report)
-    return async_matches_sync
+    # the name is part of hypothesis' database key: each model's failures replay in its own test
+    async_matches_sync.__name__ = async_matches_sync.__qualname__ = name.replace("-", "_")
+    return given(workloads(model=model))(async_matches_sync)
