@@ -86,7 +86,8 @@ def record_states(workload: Workload, report: DifferentialReport) -> None:
 def async_matches_sync_property(model: str | None = "oracle",
                                 modes: tuple[Mode, ...] = ASYNC_MODES):
     """The hypothesis test: async on every mode equals sync, and sync equals each request alone."""
-    name = f"async_matches_sync-{model or 'default'}"
+    devices = sorted({m.device for m in modes} - {"sim"})
+    name = "-".join(["async_matches_sync", model or "default", *devices])
 
     def async_matches_sync(workload: Workload) -> None:
         report = check_workload(workload, name, modes)

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import pytest
-import torch
 from hypothesis import given
 
 from lockstep.property_tests import profiles
@@ -18,9 +17,8 @@ test_async_matches_sync_and_solo_on_the_default_model_up_to_near_ties = \
     async_matches_sync_property(None)
 
 
-@pytest.mark.gpu
-def test_async_on_cuda_matches_sync_and_solo_on_the_oracle():
-    async_matches_sync_property("oracle", modes=(Mode(True, "cuda"),))()
+test_async_on_cuda_matches_sync_and_solo_on_the_oracle = pytest.mark.gpu(
+    async_matches_sync_property("oracle", modes=(Mode(True, "cuda"),)))
 
 
 @given(workloads())
