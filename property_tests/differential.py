@@ -86,7 +86,8 @@ def run_differential(workload: Workload, modes: tuple[Mode, ...] = ASYNC_MODES,
             report.runs[mode.name] = run
             report.comparisons[mode.name] = compare_runs(reference, run, workload, exact, replay)
     if solo:
-        alone = report.runs["solo"] = run_solo(workload, factory, guard, sync)
+        # solo runs witness token streams; the batched runs above already ran this code guarded
+        alone = report.runs["solo"] = run_solo(workload, factory, guard=False, mode=sync)
         report.comparisons["solo"] = compare_runs(alone, reference, workload, exact, replay)
     return report
 
@@ -98,7 +99,7 @@ def solo_spec(spec: EngineSpec, request: RequestSpec) -> EngineSpec:
 
 
 def run_solo(workload: Workload, factory: EngineFactory = lockstep_engine,
-             guard: bool = True, mode: Mode = SYNC) -> RunRecord:
+             guard: bool = False, mode: Mode = SYNC) -> RunRecord:
     """Each request alone in a fresh sync engine (cached by request)."""
     record = RunRecord("solo")
     for index, (spec, key) in enumerate(zip(workload.requests, workload.keys())):
@@ -107,7 +108,7 @@ def run_solo(workload: Workload, factory: EngineFactory = lockstep_engine,
 
 
 def solo_result(spec: EngineSpec, request: RequestSpec, index: int,
-                factory: EngineFactory = lockstep_engine, guard: bool = True,
+                factory: EngineFactory = lockstep_engine, guard: bool = False,
                 mode: Mode = SYNC) -> RequestResult:
     """``request`` alone in a fresh sync engine, as the ``index``-th arrival (cached)."""
     cache_key = (mode, *_solo_key(spec, request, index, factory))
