@@ -8,6 +8,7 @@ sync detector. Every call costs one context-variable read when the guard is off.
 """
 from __future__ import annotations
 
+import functools
 import threading
 import weakref
 from contextlib import contextmanager
@@ -52,7 +53,16 @@ def register_device_memory(tensor: torch.Tensor) -> None:
     if storage.nbytes() == 0:
         return
     ptr = storage.data_ptr()
-    _device_memory[ptr] = weakref.ref(tensor, lambda _, p=ptr: _device_memory.pop(p, None))
+    held = _device_memory.get(ptr)
+    if held is not None and held() is not None:
+        return  # already known (a view of it, or its base): the first live owner keeps the key
+    _device_memory[ptr] = weakref.ref(tensor, functools.partial(_forget, ptr))
+
+
+def _forget(ptr: int, ref: weakref.ref) -> None:
+    """A registered tensor died: drop its key, unless another tensor's entry replaced it."""
+    if _device_memory.get(ptr) is ref:
+        del _device_memory[ptr]
 
 
 def has_sim_memory() -> bool:

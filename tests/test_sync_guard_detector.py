@@ -189,3 +189,13 @@ def test_an_armed_guard_leaves_other_libraries_results_unchanged(hf_checkpoint):
     fresh = type(rotary)(model.config)  # the same module built outside any loading machinery
     assert rotary.inv_freq.abs().sum() > 0
     torch.testing.assert_close(rotary.inv_freq, fresh.inv_freq)
+
+
+def test_device_memory_stays_device_memory_after_a_view_of_it_dies(dev):
+    buffer = dev.zeros(8, dtype=torch.float32)
+    with sync_guard.disallow():
+        view = buffer[:4]  # registered too (computed from device memory), on the same storage
+        del view
+    with pytest.raises(sync_guard.SyncViolation):
+        with sync_guard.disallow():
+            buffer.sum().item()
