@@ -91,6 +91,8 @@ def _near_tie(ref: RequestResult, got: RequestResult, i: int) -> bool:
         return False
     a, b = ref.token_ids[i], got.token_ids[i]
     for lp, mine, other in ((ref.logprobs[i], a, b), (got.logprobs[i], b, a)):
+        if lp is None:
+            return False
         ranked = sorted(lp, key=lp.get, reverse=True)
         if other not in ranked[:2] or mine not in lp or abs(lp[mine] - lp[other]) > NEAR_TIE_NATS:
             return False
@@ -111,7 +113,7 @@ def _report(key: Key, i: int, why: str, reference: RunRecord, candidate: RunReco
         lines.append(f"  {run.name:<{width}}  {'... ' if lo else ''}{shown} {at}{more}   "
                      f"({len(res.token_ids)} ids, finish={res.finish_reason})")
     for run, res in ((reference, ref), (candidate, got)):
-        if res.logprobs and i < len(res.logprobs):
+        if res.logprobs and i < len(res.logprobs) and res.logprobs[i] is not None:
             top = sorted(res.logprobs[i].items(), key=lambda kv: -kv[1])[:3]
             lines.append(f"  logprobs at {i} in {run.name}: "
                          + ", ".join(f"{t}: {lp:.4f}" for t, lp in top))

@@ -57,6 +57,16 @@ def drive(workload: Workload, engine: EngineUnderTest, name: str, eos_token_ids=
     """Run ``workload`` on ``engine`` to the end; ``first_arrival_index`` offsets the arrival
     indices the engine is given (a solo run keeps the index its request had in the batch)."""
     record = RunRecord(name)
+    try:
+        _run(workload, engine, name, eos_token_ids, guard, first_arrival_index, record)
+    except Exception as exc:
+        notes = getattr(exc, "__notes__", None)
+        exc.__notes__ = [*(notes or ()), f"  run: {name}"]  # which engine, for the report
+        raise
+    return record
+
+
+def _run(workload, engine, name, eos_token_ids, guard, first_arrival_index, record) -> None:
     keys = workload.keys()
     pending = deque(range(len(workload.requests)))
     live: dict[str, tuple[Key, OutputRules]] = {}
@@ -95,7 +105,6 @@ def drive(workload: Workload, engine: EngineUnderTest, name: str, eos_token_ids=
                 raise EngineHang(f"{name}: not finished after {limit} steps; unfinished: "
                                  f"{sorted(live)}; stats {engine.stats()}")
     record.steps, record.stats = step, engine.stats()
-    return record
 
 
 def observe(results: dict[Key, RequestResult], live: dict[str, tuple[Key, OutputRules]], out,

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import sync_guard
 from hypothesis import event
+from hypothesis.errors import HypothesisException
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
@@ -21,7 +22,7 @@ from .differential import is_exact, run_solo
 from .driver import RequestResult, RunRecord, observe
 from .engine_under_test import SYNC, Mode, lockstep_engine
 from .invariants import InvariantViolation, OutputRules
-from .properties import FAILURES, PropertyFailure, replay_dir
+from .properties import failure, replay_dir
 from .strategies import prompts, sampling_params
 from .workload import AbortSpec, EngineSpec, RequestSpec, Workload
 
@@ -94,15 +95,18 @@ class EngineMachine(RuleBasedStateMachine):
 
     @rule()
     def step(self) -> None:
-        try:
-            for name, engine in self.engines.items():
+        for name, engine in self.engines.items():
+            try:
                 with sync_guard.disallow():
                     outputs = engine.step()
                 for out in outputs:
                     observe(self.results[name], self.rules[name], out, name)
                 engine.check_invariants()
-        except FAILURES as exc:
-            self._fail(exc)
+            except HypothesisException:
+                raise
+            except Exception as exc:
+                exc.__notes__ = [*getattr(exc, "__notes__", ()), f"  run: {name}"]
+                self._fail(exc)
         self.step_count += 1
         self.phase = 0
         self._update_finished()
@@ -130,7 +134,9 @@ class EngineMachine(RuleBasedStateMachine):
         try:
             if not self.failed:  # after a failed rule, the engines' state proves nothing more
                 self._compare_all()
-        except FAILURES as exc:
+        except HypothesisException:
+            raise
+        except Exception as exc:
             self._fail(exc)
         finally:
             self._races.__exit__(None, None, None)
@@ -154,11 +160,7 @@ class EngineMachine(RuleBasedStateMachine):
     def _fail(self, exc: BaseException) -> None:
         """Save the history as a replay file and raise the failure with its path."""
         self.failed = True
-        self.workload().save(self.replay_path)
-        message = str(exc)
-        if "replay:" not in message:
-            message += f"\n  replay: lockstep replay {self.replay_path}"
-        raise PropertyFailure(f"{type(exc).__name__}: {message}", self.replay_path) from exc
+        raise failure(exc, self.workload(), self.replay_path) from exc
 
     # -- helpers ------------------------------------------------------------------------------
 

@@ -1,7 +1,7 @@
 """The differential properties, usable from pytest, ``lockstep fuzz`` and ``lockstep replay``.
 
 :func:`check_workload` is one differential run that, on any failure (a divergence, an invariant,
-a hang, a host sync or a buffer race), writes the workload as a replay file and raises
+a hang, a host sync, a buffer race, or the engine crashing), writes the workload as a replay file and raises
 :class:`PropertyFailure` whose message ends with the replay command. Hypothesis runs the shrunk
 example last, so the file left behind holds the shrunk workload. ``async_matches_sync`` is the
 hypothesis test itself, with ``event()`` counts of the hard states reached.
@@ -12,19 +12,14 @@ import os
 from pathlib import Path
 
 from hypothesis import event, given, target
+from hypothesis.errors import HypothesisException
 
-import sync_guard
-
-from .comparator import Divergence
 from .differential import DifferentialReport, run_differential
-from .driver import EngineHang
 from .engine_under_test import ASYNC_MODES, Mode
-from .invariants import InvariantViolation
 from .strategies import workloads
 from .workload import Workload
 
 REPLAY_DIR_ENV = "LOCKSTEP_REPLAY_DIR"
-FAILURES = (Divergence, InvariantViolation, EngineHang, sync_guard.GuardError)
 
 
 class PropertyFailure(AssertionError):
@@ -46,12 +41,19 @@ def check_workload(workload: Workload, name: str = "async_matches_sync",
     path = replay_to or replay_dir() / f"{name}.json"
     try:
         return run_differential(workload, modes, solo=solo, replay=str(path))
-    except FAILURES as exc:
-        workload.save(path)
-        message = str(exc)
-        if "replay:" not in message:
-            message += f"\n  replay: lockstep replay {path}"
-        raise PropertyFailure(f"{type(exc).__name__}: {message}", path) from exc
+    except HypothesisException:
+        raise
+    except Exception as exc:  # an engine crash is a failure too, and gets its replay file
+        raise failure(exc, workload, path) from exc
+
+
+def failure(exc: BaseException, workload: Workload, path: Path) -> PropertyFailure:
+    """Save ``workload`` at ``path``; the failure's message: kind, text, which run, replay."""
+    workload.save(path)
+    message = "\n".join([str(exc), *getattr(exc, "__notes__", ())])
+    if "replay:" not in message:
+        message += f"\n  replay: lockstep replay {path}"
+    return PropertyFailure(f"{type(exc).__name__}: {message}", path)
 
 
 def record_states(workload: Workload, report: DifferentialReport) -> None:

@@ -108,3 +108,25 @@ def test_a_request_that_failed_with_an_error_is_always_a_failure():
     with pytest.raises(Divergence, match="failed: boom"):
         compare_runs(_record("sync", [5]), RunRecord("async", {("r0", 0): RequestResult(
             [], "error", None, "boom")}), WORKLOAD, exact=True)
+
+
+def test_an_engine_crash_is_a_failure_with_a_replay_file_that_names_the_run(tmp_path,
+                                                                            monkeypatch):
+    from lockstep.property_tests import PropertyFailure, check_workload
+
+    def crash(self, out, sampled, logprobs):
+        raise AssertionError("r0: negative placeholders")
+    monkeypatch.setattr(Scheduler, "update_from_output", crash)
+    with pytest.raises(PropertyFailure) as info:
+        check_workload(WORKLOAD, replay_to=tmp_path / "crash.json")
+    message = str(info.value)
+    assert message.startswith("AssertionError: r0: negative placeholders")
+    assert "  run: sync sim/eager" in message
+    assert Workload.load(tmp_path / "crash.json") == WORKLOAD
+
+
+def test_a_missing_logprobs_entry_is_reported_not_a_crash():
+    ref = _record("sync", [5, 7], logprobs=[{5: -1.0}, None])
+    got = _record("async", [5, 9], logprobs=[{5: -1.0}, None])
+    with pytest.raises(Divergence, match="ids differ"):
+        compare_runs(ref, got, WORKLOAD, exact=False)
