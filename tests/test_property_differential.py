@@ -1,6 +1,9 @@
 """The differential properties under the chosen hypothesis profile (``ci`` in CI: derandomized)."""
 from __future__ import annotations
 
+import tempfile
+from pathlib import Path
+
 import pytest
 from hypothesis import given
 
@@ -26,10 +29,11 @@ def test_a_workload_survives_the_json_round_trip_exactly(workload):
     assert Workload.from_json(workload.to_json()) == workload
 
 
-def test_a_workload_file_round_trips_and_names_its_format(tmp_path):
-    workload = workloads().example()
-    path = workload.save(tmp_path / "sub" / "w.json")
-    assert Workload.load(path) == workload
+@given(workloads())
+def test_a_workload_file_round_trips_and_names_its_format(workload):
+    with tempfile.TemporaryDirectory() as folder:
+        path = workload.save(Path(folder) / "sub" / "w.json")
+        assert Workload.load(path) == workload
     data = workload.to_dict()
     with pytest.raises(ValueError, match="version=99"):
         Workload.from_dict({**data, "version": 99})
