@@ -22,11 +22,6 @@ def documented_adapter() -> dict:
     return namespace
 
 
-def test_the_documented_adapter_defines_an_engine_factory():
-    adapter = documented_adapter()
-    assert callable(adapter["my_engine"]) and "MyEngineAdapter" in adapter
-
-
 @settings(max_examples=15)
 @given(workloads())
 def test_the_differential_runs_through_the_documented_adapter(workload):
