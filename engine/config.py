@@ -6,7 +6,7 @@ from dataclasses import dataclass
 import torch
 
 DEVICES = ("cpu", "cuda", "sim")
-SIM_POLICIES = ("eager", "lazy", "threaded")
+SIM_POLICIES = ("eager", "lazy", "threaded", "skewed")
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 

@@ -7,7 +7,10 @@ event) is an item in its stream's queue. When the items run is the *policy*:
 * ``lazy``: as late as possible, only when the host waits on an event or a stream: the worst
   case lag, deterministic;
 * ``threaded``: a worker thread per stream runs its queue, sleeping a seeded random delay
-  before each item.
+  before each item;
+* ``skewed``: the compute stream runs at once and the copy stream as late as possible: one
+  stream far ahead of the other, deterministic. A device buffer one stream writes while the
+  other has yet to read it (a cross-stream reuse) shows here on every step.
 
 A copy reads its source when it runs, not when it was issued, so a host write to a staging buffer
 before the copy ran changes what the "device" receives, and a host read of a copy's destination
@@ -88,8 +91,8 @@ class _WorkQueue:
 class SimStream:
     """An in-order queue of device work."""
 
-    def __init__(self, device: "SimDevice", name: str) -> None:
-        self.policy = device.policy
+    def __init__(self, device: "SimDevice", name: str, policy: str) -> None:
+        self.policy = policy
         self.name = name
         self._queue = _WorkQueue()
         if self.policy == "threaded":
@@ -139,8 +142,9 @@ class SimDevice(Device):
         self.max_delay_s = max_delay_s
         self.torch_device = torch.device("cpu")
         self.pin_memory = False
-        self.compute = SimStream(self, "compute")
-        self.copy = SimStream(self, "copy")
+        skewed = policy == "skewed"
+        self.compute = SimStream(self, "compute", "eager" if skewed else policy)
+        self.copy = SimStream(self, "copy", "lazy" if skewed else policy)
 
     @contextmanager
     def step_scope(self) -> Iterator[None]:

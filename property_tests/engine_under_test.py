@@ -7,6 +7,7 @@ five methods (plus ``check_invariants``, which may do nothing) and a factory
 """
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from typing import Callable, Protocol, Sequence
 
@@ -74,6 +75,23 @@ class EngineUnderTest(Protocol):
 EngineFactory = Callable[[EngineSpec, Mode], EngineUnderTest]
 
 
+class Heartbeat:
+    """The last engine step any harness run began or ended: what a watchdog watches."""
+
+    def __init__(self) -> None:
+        self.run, self.step, self.in_step, self.time = "", 0, False, time.monotonic()
+
+    def beat(self, run: str, step: int, in_step: bool) -> None:
+        self.run, self.step, self.in_step, self.time = run, step, in_step, time.monotonic()
+
+    def describe(self) -> str:
+        where = "inside" if self.in_step else "after"
+        return f"{where} step {self.step} of run {self.run or '(none yet)'}"
+
+
+heartbeat = Heartbeat()
+
+
 class LockstepEngine:
     """Lockstep's :class:`~lockstep.engine.core.EngineCore` behind the protocol, with its
     internal invariants (KV blocks, slots, placeholders, budgets, overlap) checked every step."""
@@ -88,6 +106,7 @@ class LockstepEngine:
             max_model_len=spec.max_model_len, seed=spec.seed,
             dtype="float32" if mode.device == "cuda" else None))
         self.invariants = EngineInvariants(self.core)
+        self.steps = 0
 
     @property
     def vocab_size(self) -> int:
@@ -107,7 +126,11 @@ class LockstepEngine:
         return self.core.abort_request(request_id)
 
     def step(self) -> Sequence[Output]:
-        return self.core.step()
+        self.steps += 1
+        heartbeat.beat(self.mode.name, self.steps, True)
+        outputs = self.core.step()
+        heartbeat.beat(self.mode.name, self.steps, False)
+        return outputs
 
     def has_unfinished(self) -> bool:
         return self.core.has_unfinished_requests()

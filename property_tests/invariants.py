@@ -3,8 +3,9 @@
 :class:`EngineInvariants` watches one :class:`~lockstep.engine.core.EngineCore` (it wraps the
 instance's ``schedule`` and ``execute_model`` to see each step as it is planned and launched):
 KV blocks conserved and never shared, slots conserved, placeholders within the steps in flight,
-budgets respected, nothing scheduled past prompt + max_tokens - 1 computed tokens, and on ``sim``
-lazy in async mode, step N+1 launched before step N's device work was forced to complete.
+budgets respected, nothing scheduled past prompt + max_tokens - 1 computed tokens, no request
+admitted in a step that preempted, and on ``sim`` lazy in async mode, step N+1 launched without
+forcing step N's device work to complete.
 
 :class:`OutputRules` checks what any engine emits: nothing after a finish, ids only ever
 appended, "length" exactly at max_tokens, min_tokens respected, stops where they belong.
@@ -26,17 +27,24 @@ class EngineInvariants:
         self.overlapped_launches = 0
         self.launches_after_forced_wait = 0
         self._violations: list[str] = []
+        cfg = core.config
+        self._watch_overlap = (cfg.async_scheduling and cfg.device == "sim"
+                               and cfg.sim_policy == "lazy")
         scheduler, runner = core.scheduler, core.runner
         schedule, execute = type(scheduler).schedule, type(runner).execute_model
 
         def checked_schedule():
+            before = scheduler.num_preemptions
             out = schedule(scheduler)
-            self._check_schedule(out)
+            self._check_schedule(out, preempted=scheduler.num_preemptions > before)
             return out
 
         def checked_execute(sched, block_tables, step):
-            self._check_overlap(step)
-            return execute(runner, sched, block_tables, step)
+            previous = core._in_flight[-1] if self._watch_overlap and core._in_flight else None
+            pending = execute(runner, sched, block_tables, step)
+            if previous is not None:
+                self._check_overlap(previous, step)
+            return pending
 
         scheduler.schedule = checked_schedule
         runner.execute_model = checked_execute
@@ -77,8 +85,12 @@ class EngineInvariants:
         if problems:
             raise InvariantViolation("; ".join(problems))
 
-    def _check_schedule(self, out) -> None:
+    def _check_schedule(self, out, preempted: bool) -> None:
         cfg = self.core.config
+        admitted = [row.request.request_id for row in out.rows if row.is_new]
+        if preempted and admitted:
+            self._violations.append(f"requests {admitted} admitted in a step that preempted "
+                                    f"(the cache thrashes: wait for the next step)")
         if out.num_tokens > cfg.max_num_batched_tokens:
             self._violations.append(f"step schedules {out.num_tokens} tokens, budget "
                                     f"{cfg.max_num_batched_tokens}")
@@ -96,15 +108,13 @@ class EngineInvariants:
                     f"{req.request_id}: scheduled to {req.num_computed_tokens} computed tokens, "
                     f"past prompt + max_tokens - 1 = {limit}")
 
-    def _check_overlap(self, step: int) -> None:
-        core = self.core
-        if not (core.config.async_scheduling and core.config.device == "sim"
-                and core.config.sim_policy == "lazy" and core._in_flight):
-            return
-        previous_step, _, pending = core._in_flight[-1]
+    def _check_overlap(self, previous, step: int) -> None:
+        """On sim lazy, device work runs only when the host waits: if step N's work had run by
+        the time step N+1's launch returned, the host waited for it while preparing N+1."""
+        previous_step, _, pending = previous
         if pending._copied.done.is_set():
-            self._violations.append(f"no overlap: step {previous_step}'s device work completed "
-                                    f"before step {step} was launched (sim lazy)")
+            self._violations.append(f"no overlap: step {previous_step}'s device work had "
+                                    f"completed when step {step}'s launch returned (sim lazy)")
         else:
             self.overlapped_launches += 1
 
