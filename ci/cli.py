@@ -10,10 +10,30 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="lockstep", description=__doc__)
     parser.add_argument("--version", action="version", version=f"lockstep {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
-    gate = sub.add_parser("gate", help="run the regression gate (exit status 1 on failure)")
+    gate = sub.add_parser("gate", help="run the regression gate (exit status 0 passed, "
+                          "1 a check failed, 2 a usage or environment error)")
     gate.add_argument("--model", default=None,
-                      help="checkpoint directory; default: the embedded default model")
-    gate.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+                      help="checkpoint directory for the checks that take a model (generate, "
+                      "property-model); default: the embedded default model")
+    gate.add_argument("--device", default="cpu",
+                      help="cpu (simulated device) or cuda (adds the GPU checks and perf)")
+    gate.add_argument("--quick", action="store_true",
+                      help="the fast checks only, fewer examples (pre-push, about a minute)")
+    gate.add_argument("--json", dest="json_path", metavar="FILE", help="write results as JSON")
+    gate.add_argument("--junit-xml", dest="junit_path", metavar="FILE",
+                      help="write results as JUnit XML")
+    gate.add_argument("--only", default="", metavar="CHECKS",
+                      help="comma-separated check names to run (default: all)")
+    gate.add_argument("--record-perf-baseline", action="store_true",
+                      help="with --device cuda: measure and store this GPU's perf baseline")
+    zoo = sub.add_parser("zoo", help="apply every fault injection in a fresh process, prove it "
+                         "misbehaves and that the gate catches it (exit status 1 on an escape)")
+    zoo.add_argument("--device", default="cpu", help="cpu or cuda: the device the gate uses")
+    zoo.add_argument("--only", default="", metavar="NAMES",
+                     help="comma-separated injection names (default: all)")
+    zoo.add_argument("--jobs", type=int, default=1, help="injections run in parallel")
+    zoo.add_argument("--json", dest="json_path", metavar="FILE", help="write the table as JSON")
+    zoo.add_argument("--list", action="store_true", help="list the injections and exit")
     bench = sub.add_parser("bench", help="decode TPOT sync vs async vs the HBM floor")
     bench.add_argument("--device", default="cuda", choices=["cpu", "cuda"])
     bench.add_argument("--batch-sizes", default="1,8,64")
@@ -59,8 +79,17 @@ def main(argv: list[str] | None = None) -> int:
         from lockstep.property_tests.replay import replay
         return replay(args.file, device=args.device, policy=args.policy)
     if args.command == "gate":
-        from .gate import run_gate
-        return run_gate(model=args.model, device=args.device)
+        from .gate import GateOptions, run_gate
+        if args.record_perf_baseline:
+            return _record_perf_baseline(args.device)
+        return run_gate(GateOptions(model=args.model, device=args.device, quick=args.quick,
+                                    json_path=args.json_path, junit_path=args.junit_path,
+                                    only=tuple(n for n in args.only.split(",") if n)))
+    if args.command == "zoo":
+        from .zoo.runner import ZooOptions, run_zoo
+        return run_zoo(ZooOptions(device=args.device, jobs=args.jobs, json_path=args.json_path,
+                                  only=tuple(n for n in args.only.split(",") if n),
+                                  list_only=args.list))
     if args.command == "guard-bench":
         from .guard_bench import run_guard_bench
         run_guard_bench(device=args.device, shape=args.shape, out=args.out,
@@ -70,6 +99,16 @@ def main(argv: list[str] | None = None) -> int:
     run_bench(device=args.device, batch_sizes=tuple(int(b) for b in args.batch_sizes.split(",")),
               shape=args.shape, short=args.short, long=args.long, out=args.out,
               hf_baseline=not args.no_transformers)
+    return 0
+
+
+def _record_perf_baseline(device: str) -> int:
+    if device != "cuda" or not _cuda_available():
+        print("lockstep gate: --record-perf-baseline needs --device cuda and a CUDA device")
+        return 2
+    from .perf import BASELINES, record_baseline
+    entry = record_baseline()
+    print(f"recorded {BASELINES}: {entry}")
     return 0
 
 

@@ -1,96 +1,157 @@
-"""The regression gate: end-to-end checks that must all pass before a change lands.
+"""``lockstep gate``: the detectors the zoo shows are needed, each under a watchdog.
 
-Each check runs a fixed workload through the engine and compares against an independent
-expectation; the gate prints one line per check and a verdict, and exits 1 on any failure.
+Checks, in order (cheapest and most targeted first; ``--quick`` keeps the ones marked quick):
+
+* ``targeted`` (oracle): hand-written workloads aimed at one hard state each
+  (:mod:`lockstep.ci.targeted`) through the full differential: sync vs async on sim eager,
+  lazy, threaded and skewed vs each request alone, with the invariants (KV blocks, slots,
+  placeholders, budgets, admission, overlap on sim lazy), the output rules, and the whole run
+  under sync_guard (syncs and races);
+* ``generate``: ``LLM.generate`` on ``--model``, async on sim lazy, threaded and skewed, each
+  whole call under sync_guard (syncs and races) and equal to sync;
+* ``property`` (oracle): the hypothesis differential under the derandomized ``ci`` profile;
+* ``machine`` (oracle): the stateful machine under the ``ci`` profile;
+* ``property-model``: the hypothesis differential on ``--model`` (near-ties accepted);
+* with ``--device cuda``, ``targeted-cuda`` and ``property-cuda`` first (the same on the GPU,
+  oracle) and ``perf`` last (:mod:`lockstep.ci.perf`).
+
+A check that fails prints the detector that caught it, the first lines of the message and the
+replay command; ``--json`` and ``--junit-xml`` write the same for CI systems. Exit status: 0
+passed, 1 a check failed, 2 a usage or environment error (reported before any check runs).
 """
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
 
-from lockstep.engine import LLM, SamplingParams
+import torch
 
-Check = Callable[[str | None, str], str]
+from lockstep.property_tests import profiles
 
+from .gate_checks import (check_generate, check_machine, check_perf, check_property,
+                          check_property_cuda, check_property_model, check_targeted,
+                          check_targeted_cuda)
+from .report import CheckResult, GateResult, classify
+from .watchdog import CheckHang, watchdog
 
-def _workload(n: int = 12, vocab: int = 512) -> list[list[int]]:
-    return [[(7 * i + 13 * j) % (vocab - 3) + 3 for j in range(5 + 9 * i)] for i in range(n)]
-
-
-def _idle(llm: LLM) -> str:
-    s = llm.stats()
-    assert s["num_free_blocks"] == s["num_total_blocks"], f"KV blocks leaked: {s}"
-    return f"{s['num_steps']} steps, {s['num_preemptions']} preemptions"
-
-
-def check_completes(model: str | None, device: str) -> str:
-    """Every request of a mixed batch finishes with the right number of tokens."""
-    llm = LLM(model=model, device=device)
-    params = SamplingParams(temperature=0, max_tokens=20, ignore_eos=True)
-    outs = llm.generate(_workload(), params)
-    assert all(len(o.token_ids) == 20 and o.finish_reason == "length" for o in outs)
-    return _idle(llm)
+MESSAGE_LINES = 8
 
 
-def check_deterministic(model: str | None, device: str) -> str:
-    """Two engines built alike produce the same seeded sampled streams."""
-    params = [SamplingParams(temperature=1.0, top_p=0.9, seed=i, max_tokens=16) for i in range(12)]
-    a = [o.token_ids for o in LLM(model=model, device=device).generate(_workload(), params)]
-    b = [o.token_ids for o in LLM(model=model, device=device).generate(_workload(), params)]
-    assert a == b, "seeded sampling is not reproducible"
-    return "12 seeded streams repeat"
+class UsageError(Exception):
+    """A bad option or a missing device: exit status 2, before any check runs."""
 
 
-def check_preemption_is_invisible(model: str | None, device: str) -> str:
-    """Chunked prefill and recompute preemption do not change the oracle's output."""
-    params = [SamplingParams(temperature=0.7, seed=i, max_tokens=24, ignore_eos=True,
-                             presence_penalty=0.5 * (i % 2)) for i in range(12)]
-    roomy = LLM(model="oracle", device=device).generate(_workload(), params)
-    tight = LLM(model="oracle", device=device, block_size=4, num_kv_blocks=48,
-                max_num_batched_tokens=32, max_num_seqs=6)
-    outs = tight.generate(_workload(), params)
-    assert [o.token_ids for o in outs] == [o.token_ids for o in roomy]
-    assert tight.stats()["num_preemptions"] > 0, "the tight cache did not preempt"
-    return _idle(tight)
+@dataclass
+class GateOptions:
+    model: str | None = None
+    device: str = "cpu"
+    quick: bool = False
+    json_path: str | None = None
+    junit_path: str | None = None
+    stall_s: float = 15.0
+    only: tuple[str, ...] = ()    # check names (the zoo stops at the first failure anyway)
+    stop_at_first_failure: bool = False
+    vocab: int | None = field(default=None, init=False)
 
 
-def check_async_matches_sync(model: str | None, device: str) -> str:
-    """Async scheduling reproduces sync token for token (oracle; sim lazy and threaded on CPU)."""
-    params = [SamplingParams(temperature=0.8, seed=i, max_tokens=24, min_tokens=2 * (i % 3),
-                             stop_token_ids=[11, 12], presence_penalty=0.7 * (i % 2),
-                             repetition_penalty=1.0 + 0.3 * (i % 3 == 1)) for i in range(12)]
-    tight = dict(block_size=4, num_kv_blocks=48, max_num_batched_tokens=32, max_num_seqs=6)
-    targets = [("cuda", "eager")] if device == "cuda" else [("sim", "lazy"), ("sim", "threaded")]
-    checked = []
-    for dev, policy in targets:
-        def run(async_scheduling: bool) -> list:
-            llm = LLM(model="oracle", device=dev, sim_policy=policy,
-                      async_scheduling=async_scheduling, **tight)
-            outs = [(o.token_ids, o.finish_reason) for o in llm.generate(_workload(), params)]
-            _idle(llm)
-            return outs
-        assert run(True) == run(False), f"async diverges from sync on {dev}/{policy}"
-        checked.append(f"{dev}/{policy}")
-    return "equal on " + ", ".join(checked)
+@dataclass(frozen=True)
+class Check:
+    name: str
+    run: Callable[[GateOptions], str]
+    uses_model: bool
+    quick: bool
+    devices: tuple[str, ...] = ("cpu", "cuda")
+    deadline_s: float = 600.0
 
 
-CHECKS: list[Check] = [check_completes, check_deterministic, check_preemption_is_invisible,
-                       check_async_matches_sync]
-
-
-def run_gate(model: str | None = None, device: str = "cpu") -> int:
-    failures = 0
-    print(f"lockstep gate: model={model or 'default'} device={device}")
-    for check in CHECKS:
-        start = time.perf_counter()
+def validate(options: GateOptions) -> None:
+    """Raise UsageError, naming the option, before any check runs."""
+    if options.device not in ("cpu", "cuda"):
+        raise UsageError(f"--device={options.device!r}: choose cpu or cuda")
+    if options.device == "cuda" and not torch.cuda.is_available():
+        raise UsageError("--device=cuda but no CUDA device is available on this machine")
+    model = options.model
+    if model not in (None, "oracle"):
+        path = Path(model)
+        if not path.is_dir():
+            raise UsageError(f"--model={model!r}: no such directory (give a Hugging Face "
+                             f"checkpoint directory, 'oracle', or nothing for the default)")
+        if not (path / "config.json").is_file() or not any(path.glob("*.safetensors")):
+            raise UsageError(f"--model={model!r}: needs config.json and *.safetensors")
+        from lockstep.engine.models.config import ModelConfig
         try:
-            detail, status = check(model, device), "PASS"
-        except AssertionError as e:
-            detail, status = str(e) or "assertion failed", "FAIL"
-            failures += 1
-        except Exception as e:  # a crash is a failure of that check, not of the gate
-            detail, status = f"{type(e).__name__}: {e}", "FAIL"
-            failures += 1
-        print(f"  {status}  {check.__name__:<32} {time.perf_counter() - start:6.2f}s  {detail}")
-    print("gate: " + ("FAILED" if failures else "passed") + f" ({len(CHECKS) - failures}/{len(CHECKS)})")
-    return 1 if failures else 0
+            options.vocab = ModelConfig.from_dir(path).vocab_size
+        except (ValueError, KeyError, TypeError) as exc:
+            raise UsageError(f"--model={model!r}: config.json is not usable: {exc}") from None
+    unknown = set(options.only) - {c.name for c in CHECKS}
+    if unknown:
+        raise UsageError(f"--only={','.join(sorted(unknown))}: unknown checks; choose from "
+                         f"{', '.join(c.name for c in CHECKS)}")
+
+
+def selected(options: GateOptions) -> list[Check]:
+    checks = [c for c in CHECKS if options.device in c.devices]
+    if options.quick:
+        checks = [c for c in checks if c.quick]
+    if options.only:
+        checks = [c for c in checks if c.name in options.only]
+    if options.device == "cuda":  # the GPU's own checks first, the CPU's after, perf last
+        checks.sort(key=lambda c: (0 if c.devices == ("cuda",) and c.name != "perf" else
+                                   2 if c.name == "perf" else 1))
+    return checks
+
+
+def run_gate(options: GateOptions) -> int:
+    try:
+        validate(options)
+    except UsageError as exc:
+        print(f"lockstep gate: {exc}")
+        return 2
+    logging.getLogger("lockstep.engine").setLevel(logging.CRITICAL)  # failures are reported
+    profiles.load("ci")
+    checks = selected(options)
+    result = GateResult(model=options.model or "default", device=options.device,
+                        quick=options.quick)
+    print(f"lockstep gate: model={result.model} device={options.device}"
+          f"{' (quick)' if options.quick else ''}, {len(checks)} checks")
+    for check in checks:
+        outcome = run_check(check, options)
+        result.checks.append(outcome)
+        print(outcome.line())
+        for line in outcome.report_lines(MESSAGE_LINES):
+            print(f"        {line}")
+        if outcome.status == "fail" and options.stop_at_first_failure:
+            break
+    passed = sum(c.status == "pass" for c in result.checks)
+    print(f"gate: {'passed' if result.passed else 'FAILED'} ({passed}/{len(result.checks)}) "
+          f"in {result.seconds:.0f} s")
+    if options.json_path:
+        result.write_json(options.json_path)
+    if options.junit_path:
+        result.write_junit(options.junit_path)
+    return 0 if result.passed else 1
+
+
+def run_check(check: Check, options: GateOptions) -> CheckResult:
+    start = time.perf_counter()
+    try:
+        with watchdog(check.name, stall_s=options.stall_s, deadline_s=check.deadline_s):
+            detail = check.run(options)
+        return CheckResult(check.name, "pass", time.perf_counter() - start, detail)
+    except (Exception, CheckHang) as exc:  # every failure is this check's, not the gate's
+        return CheckResult(check.name, "fail", time.perf_counter() - start, *classify(exc))
+
+
+CHECKS: list[Check] = [
+    Check("targeted-cuda", check_targeted_cuda, False, True, ("cuda",)),
+    Check("property-cuda", check_property_cuda, False, False, ("cuda",)),
+    Check("targeted", check_targeted, False, True),
+    Check("generate", check_generate, True, True),
+    Check("property", check_property, False, True),
+    Check("machine", check_machine, False, False),
+    Check("property-model", check_property_model, True, False),
+    Check("perf", check_perf, False, False, ("cuda",), deadline_s=300.0),
+]

@@ -2,9 +2,9 @@
 
 The driver adds requests at their arrival step (in list order; a reused id waits for its previous
 holder to finish), applies aborts at their step, steps the engine until everything finished, and
-records each request's final ids, finish reason and logprobs, keyed by (id, occurrence). Every
-step runs under sync_guard (no host sync outside the engine's named waits) and the whole run under
-its race checker. A run that does not finish within a step bound is a hang, reported as such.
+records each request's final ids, finish reason and logprobs, keyed by (id, occurrence). The
+whole run is under sync_guard (no host sync outside the engine's named waits, in a step or
+between steps) and its race checker. A run that does not finish within a step bound is a hang, reported as such.
 """
 from __future__ import annotations
 
@@ -75,8 +75,11 @@ def _run(workload, engine, name, eos_token_ids, guard, first_arrival_index, reco
         aborts[a.step].append((a.request_id, a.occurrence))
     preempt_steps = set(workload.preempt_steps)
     limit, step, arrivals = step_bound(workload), 0, 0
+    # the whole loop is guarded, not only ``step()``: a sync in ``add``, ``abort`` or
+    # ``has_unfinished`` (called between steps by every serving loop) stalls the device too
     race_scope = sync_guard.race_check() if guard else nullcontext()
-    with race_scope:
+    sync_scope = sync_guard.disallow() if guard else nullcontext()
+    with race_scope, sync_scope:
         while pending or engine.has_unfinished():
             while pending and workload.requests[pending[0]].arrival <= step \
                     and workload.requests[pending[0]].request_id not in live:
@@ -92,11 +95,7 @@ def _run(workload, engine, name, eos_token_ids, guard, first_arrival_index, reco
                     record.aborted.add((rid, occurrence))
             if step in preempt_steps and hasattr(engine, "preempt_newest"):
                 engine.preempt_newest()
-            if guard:
-                with sync_guard.disallow():
-                    outputs = engine.step()
-            else:
-                outputs = engine.step()
+            outputs = engine.step()
             for out in outputs:
                 observe(record.results, live, out, name)
             engine.check_invariants()

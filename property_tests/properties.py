@@ -86,14 +86,15 @@ def record_states(workload: Workload, report: DifferentialReport) -> None:
 
 
 def async_matches_sync_property(model: str | None = "oracle",
-                                modes: tuple[Mode, ...] = ASYNC_MODES):
+                                modes: tuple[Mode, ...] = ASYNC_MODES, vocab: int | None = None):
     """The hypothesis test: async on every mode equals sync, and sync equals each request alone."""
     devices = sorted({m.device for m in modes} - {"sim"})
-    name = "-".join(["async_matches_sync", model or "default", *devices])
+    label = "default" if model is None else Path(model).name  # a checkpoint: its folder's name
+    name = "-".join(["async_matches_sync", label, *devices])
 
     def async_matches_sync(workload: Workload) -> None:
         report = check_workload(workload, name, modes)
         record_states(workload, report)
     # the name is part of hypothesis' database key: each model's failures replay in its own test
     async_matches_sync.__name__ = async_matches_sync.__qualname__ = name.replace("-", "_")
-    return given(workloads(model=model))(async_matches_sync)
+    return given(workloads(model=model, vocab=vocab))(async_matches_sync)

@@ -1,0 +1,126 @@
+"""The bodies of the gate's checks: each returns a one-line summary or raises the failure."""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from hypothesis import settings
+
+import sync_guard
+from lockstep.engine import LLM, SamplingParams
+from lockstep.property_tests.comparator import compare_runs
+from lockstep.property_tests.differential import is_exact
+from lockstep.property_tests.driver import RequestResult, RunRecord
+from lockstep.property_tests.engine_under_test import ASYNC_MODES, Mode
+from lockstep.property_tests.properties import async_matches_sync_property, check_workload
+from lockstep.property_tests.workload import EngineSpec, RequestSpec, Workload
+
+from .targeted import targeted_workloads
+
+if TYPE_CHECKING:
+    from .gate import GateOptions
+
+SKEWED = Mode(True, "sim", "skewed")
+SIM_MODES = (*ASYNC_MODES, SKEWED)
+CUDA_MODES = (Mode(True, "cuda"),)
+QUICK_EXAMPLES = 10
+
+
+def _targeted(modes: tuple[Mode, ...], label: str) -> str:
+    preemptions = overlapped = 0
+    workloads = targeted_workloads("oracle")
+    for name, workload in workloads.items():
+        try:
+            report = check_workload(workload, f"targeted-{name}{label}", modes)
+        except AssertionError as exc:
+            exc.add_note(f"  workload: targeted {name} (lockstep.ci.targeted.{name})")
+            raise
+        preemptions += report.stat("num_preemptions")
+        overlapped += report.stat("overlapped_launches")
+    return (f"{len(workloads)} workloads: sync = {', '.join(m.name for m in modes)} = solo; "
+            f"{preemptions} preemptions, {overlapped} overlapped launches (oracle)")
+
+
+def check_targeted(options: GateOptions) -> str:
+    return _targeted(SIM_MODES, "")
+
+
+def check_targeted_cuda(options: GateOptions) -> str:
+    return _targeted(CUDA_MODES, "-cuda")
+
+
+def _property(prop, options: GateOptions) -> str:
+    examples = QUICK_EXAMPLES if options.quick else settings().max_examples
+    settings(max_examples=examples)(prop)()
+    return f"{examples} examples, ci profile (derandomized)"
+
+
+def check_property(options: GateOptions) -> str:
+    return _property(async_matches_sync_property("oracle"), options) + " (oracle)"
+
+
+def check_property_cuda(options: GateOptions) -> str:
+    return _property(async_matches_sync_property("oracle", CUDA_MODES), options) + " (oracle)"
+
+
+def check_property_model(options: GateOptions) -> str:
+    prop = async_matches_sync_property(options.model, vocab=options.vocab)
+    return _property(prop, options) + f" (model {options.model or 'default'})"
+
+
+def check_machine(options: GateOptions) -> str:
+    from lockstep.property_tests.machine import TestEngineMachine
+    TestEngineMachine("runTest").runTest()
+    return f"{settings().max_examples} programs, ci profile (oracle)"
+
+
+def _generate_workload(model: str | None, vocab: int) -> Workload:
+    params = [SamplingParams(temperature=0.8 * (i % 3 != 0), seed=i, max_tokens=16,
+                             min_tokens=2 * (i % 3), stop_token_ids=[11, 12],
+                             presence_penalty=0.7 * (i % 2),
+                             repetition_penalty=1.0 + 0.3 * (i % 3 == 1), logprobs=2)
+              for i in range(12)]
+    prompts = [tuple((7 * i + 13 * j) % (vocab - 3) + 3 for j in range(5 + 9 * i))
+               for i in range(12)]
+    return Workload(EngineSpec(model=model, block_size=4, num_kv_blocks=48,
+                               max_num_batched_tokens=32, max_num_seqs=6),
+                    tuple(RequestSpec(f"gen1-{i}", p, sp) for i, (p, sp) in
+                          enumerate(zip(prompts, params))))
+
+
+def _generate(workload: Workload, device: str, policy: str, async_scheduling: bool) -> RunRecord:
+    spec = workload.engine
+    llm = LLM(model=spec.model, device=device, sim_policy=policy,
+              async_scheduling=async_scheduling, block_size=spec.block_size,
+              num_kv_blocks=spec.num_kv_blocks, max_num_batched_tokens=spec.max_num_batched_tokens,
+              max_num_seqs=spec.max_num_seqs, dtype="float32" if device == "cuda" else None)
+    name = Mode(async_scheduling, device, policy).name
+    with sync_guard.race_check(), sync_guard.disallow():
+        outs = llm.generate([list(r.prompt) for r in workload.requests],
+                            [r.params for r in workload.requests])
+    stats = llm.stats()
+    assert stats["num_free_blocks"] == stats["num_total_blocks"], f"{name}: KV blocks leaked"
+    return RunRecord(name, {(o.request_id, 0): RequestResult(o.token_ids, o.finish_reason,
+                                                             o.logprobs, o.error)
+                            for o in outs}, stats=stats)
+
+
+def check_generate(options: GateOptions) -> str:
+    """LLM.generate, whole calls under sync_guard, async = sync (near-ties for float models)."""
+    workload = _generate_workload(options.model, options.vocab or 512)
+    targets = [("sim", "lazy"), ("sim", "threaded"), ("sim", "skewed")]
+    devices = ["sim"] + (["cuda"] if options.device == "cuda" else [])
+    if options.device == "cuda":
+        targets.append(("cuda", "eager"))
+    exact = is_exact(workload.engine)
+    for device in devices:
+        reference = _generate(workload, device, "eager", False)
+        for dev, policy in (t for t in targets if t[0] == device):
+            compare_runs(reference, _generate(workload, dev, policy, True), workload, exact)
+    names = ", ".join(f"{d}/{p}" if d == "sim" else d for d, p in targets)
+    return f"12 requests, async on {names} = sync, whole calls guarded (model " \
+           f"{options.model or 'default'})"
+
+
+def check_perf(options: GateOptions) -> str:
+    from .perf import check_against_baseline
+    return check_against_baseline()

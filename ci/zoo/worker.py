@@ -1,0 +1,83 @@
+"""One zoo entry in its own process: demonstrate the injection, apply it, run the gate.
+
+``python -m lockstep.ci.zoo.worker NAME --device cpu --out FILE`` writes one JSON object:
+the demonstration (or why none showed), the first gate check that failed, its detector, and
+the seconds from the gate's start to that failure. ``NAME`` ``clean`` runs the whole gate on
+the clean engine instead.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import json
+import logging
+import os
+import sys
+import tempfile
+import time
+
+import torch
+
+
+def run(name: str, device: str) -> dict:
+    from lockstep.ci.gate import GateOptions, run_check, selected, validate
+    from lockstep.ci.watchdog import CheckHang, watchdog
+    from lockstep.property_tests import profiles
+
+    from . import INJECTIONS, Patcher
+    from .witness import demonstrate
+    out: dict = {"name": name}
+    if name != "clean":
+        injection = INJECTIONS[name]
+        out["class"] = injection.bug_class
+
+        def apply():
+            patch = Patcher()
+            injection.apply(patch)
+            return patch.undo
+        start = time.perf_counter()
+        try:
+            with watchdog("demonstration", stall_s=5):
+                out["demonstration"] = demonstrate(injection.witness, apply)
+        except (AssertionError, CheckHang) as exc:
+            out["demonstration_failed"] = str(exc)
+        out["demonstration_s"] = time.perf_counter() - start
+        injection.apply(Patcher())  # for the rest of this process: it is the process's purpose
+    options = GateOptions(device=device, stop_at_first_failure=name != "clean", stall_s=10)
+    validate(options)
+    profiles.load("ci")
+    out["checks"], elapsed = [], 0.0
+    for check in selected(options):
+        result = run_check(check, options)
+        elapsed += result.seconds
+        out["checks"].append({"name": result.name, "status": result.status,
+                              "seconds": result.seconds})
+        if result.status == "fail":
+            out.update(caught_by=f"{result.name}: {result.detector}", seconds_to_catch=elapsed,
+                       message=result.detail, replay=result.replay)
+            if name != "clean":
+                break
+    out["gate_s"] = elapsed
+    return out
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("name")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--out", required=True)
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    for logger in ("sync_guard", "lockstep"):
+        logging.getLogger(logger).setLevel(logging.CRITICAL)
+    os.environ.setdefault("LOCKSTEP_REPLAY_DIR", tempfile.mkdtemp(prefix="lockstep-zoo-"))
+    with contextlib.redirect_stdout(io.StringIO()):  # hypothesis' own reports
+        result = run(args.name, args.device)
+    with open(args.out, "w") as f:
+        json.dump(result, f)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
