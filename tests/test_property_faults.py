@@ -1,7 +1,7 @@
 """The property-based differential finds, and shrinks, six bugs that shipped in async engines.
 
-Each test injects one fault from outside the engine (``monkeypatch.setattr`` of one named
-function or method, function-scoped so it never leaks), runs a hypothesis differential property
+Each test injects one fault of the zoo (:mod:`lockstep.ci.zoo`; applied through
+``monkeypatch``, function-scoped so it never leaks), runs a hypothesis differential property
 under the ``ci`` profile (derandomized, 30 examples) on workloads drawn by the generic strategies,
 and checks that the final, shrunk failure
 
@@ -28,8 +28,7 @@ import pytest
 import torch
 from hypothesis import Phase, assume, given, settings
 
-from lockstep.engine.input_batch import InputBatch
-from lockstep.engine.scheduler import Scheduler
+from lockstep.ci.zoo import INJECTIONS
 from lockstep.property_tests import differential, profiles, properties
 from lockstep.property_tests.engine_under_test import ASYNC_MODES, Mode
 from lockstep.property_tests.properties import (PropertyFailure, async_matches_sync_property,
@@ -158,98 +157,6 @@ def check_found(name: str, found: Found, replay_dir, all_of: tuple[str, ...],
 
 
 # ---------------------------------------------------------------------------------------------
-# the faults: each a copy of one engine function with one realistic mistake
-# ---------------------------------------------------------------------------------------------
-
-def update_skipping_only_aborted(self, out, sampled, logprobs):
-    """Scheduler.update_from_output that drops the in-flight token of an aborted request but
-    forgets that a stop id found at the previous collect also ended the request: in async mode
-    the step launched before that collect appends its token after the stop."""
-    changed = []
-    for row, token, lp in zip(out.rows, sampled, logprobs):
-        if not row.samples:
-            continue
-        req = row.request
-        req.num_placeholders -= 1
-        assert req.num_placeholders >= 0, f"{req.request_id}: negative placeholders"
-        if req.finish_reason == "abort" or token is None:  # BUG: was `req.is_finished or ...`
-            continue
-        req.output_token_ids.append(token)
-        if req.logprobs is not None:
-            req.logprobs.append(lp)
-        reason = req.stop_reason_for(token)
-        if reason is not None:
-            self.finish(req, reason)
-        changed.append(req)
-    return changed
-
-
-def tokens_to_schedule_off_by_one(self, req):
-    """Scheduler._tokens_to_schedule with ``>`` for ``>=``: with a placeholder in flight for
-    the last allowed token, async scheduling runs the request one step further."""
-    if req.num_output_tokens_with_placeholders > req.sampling_params.max_tokens:  # BUG: >=
-        return 0
-    return req.num_tokens_with_placeholders - req.num_computed_tokens
-
-
-_real_penalty_arrays = InputBatch._penalty_arrays
-
-
-def penalty_arrays_of_the_previous_row(rows, slots):
-    """InputBatch._penalty_arrays with an off-by-one in the row -> slot lookup (``slots[i - 1]``
-    for ``slots[i]``): each row's penalty state (reset, prompt mask, output counts) is kept in
-    the previous row's slot, while the sampler reads the row's own slot, so a row is penalised
-    by another request's counts (or by none)."""
-    return _real_penalty_arrays(rows, [slots[i - 1] for i in range(len(slots))])  # BUG
-
-
-def update_looking_up_by_id(self, out, sampled, logprobs):
-    """Scheduler.update_from_output that finds each row's request by id, as vLLM's scheduler
-    does (``self.requests.get(req_id)``, None once the request ended), instead of using the row's
-    own request object: a step still in flight when its request stopped applies its sampled
-    token (and placeholder) to the new request that reuses the id.
-
-    It leaves out the engine's ``assert`` on the placeholder count, so the bug shows as wrong
-    tokens (the harness's own checks) rather than as the engine's assertion."""
-    changed = []
-    for row, token, lp in zip(out.rows, sampled, logprobs):
-        if not row.samples:
-            continue
-        req = self.requests.get(row.request.request_id)  # BUG: was `row.request`
-        if req is None:   # the request ended and nobody took its id
-            continue
-        req.num_placeholders -= 1
-        if req.is_finished or token is None:
-            continue
-        req.output_token_ids.append(token)
-        if req.logprobs is not None and lp is not None:
-            req.logprobs.append(lp)
-        reason = req.stop_reason_for(token)
-        if reason is not None:
-            self.finish(req, reason)
-        changed.append(req)
-    return changed
-
-
-_real_prepare = InputBatch.prepare
-
-
-def prepare_checking_positions(self, out, block_tables):
-    """InputBatch.prepare with a sanity check that the positions fit the attention span, read
-    from the staged device tensor with ``.item()``: a host sync in every step, which serialises
-    host and device."""
-    inputs = _real_prepare(self, out, block_tables)
-    # BUG: a sanity check on a device value: .item() waits for the device every step
-    assert inputs.positions.max().item() < inputs.attn.kv_len, "positions past the span"
-    return inputs
-
-
-def no_fence(self):
-    """InputBatch.fence removed ("the copy is async anyway"): the next step's input prep
-    rewrites the staging buffers while the previous step's host-to-device copy still reads them."""
-
-
-# ---------------------------------------------------------------------------------------------
 # the properties (each run clean, too) and the tests
 # ---------------------------------------------------------------------------------------------
 
@@ -305,7 +212,7 @@ def test_the_clean_engine_passes_the_same_properties(replay_dir):
 
 
 def test_a_token_emitted_after_a_stop_is_found_and_shrunk(monkeypatch, replay_dir):
-    monkeypatch.setattr(Scheduler, "update_from_output", update_skipping_only_aborted)
+    INJECTIONS["token_after_stop"].apply(monkeypatch)
     found = find(monkeypatch, PROPERTIES["stops"]())
     check_found("token emitted after a stop", found, replay_dir,
                 ("InvariantViolation", "stop"),
@@ -314,22 +221,21 @@ def test_a_token_emitted_after_a_stop_is_found_and_shrunk(monkeypatch, replay_di
 
 
 def test_scheduling_one_step_past_max_tokens_is_found_and_shrunk(monkeypatch, replay_dir):
-    monkeypatch.setattr(Scheduler, "_tokens_to_schedule", tokens_to_schedule_off_by_one)
+    INJECTIONS["schedule_past_max_tokens"].apply(monkeypatch)
     found = find(monkeypatch, PROPERTIES["async_matches_sync"]())
     check_found("scheduled one step past max_tokens", found, replay_dir,
                 ("InvariantViolation", "past prompt + max_tokens - 1"))
 
 
 def test_penalty_counts_of_another_row_are_found_and_shrunk(monkeypatch, replay_dir):
-    monkeypatch.setattr(InputBatch, "_penalty_arrays",
-                        staticmethod(penalty_arrays_of_the_previous_row))
+    INJECTIONS["penalties_of_the_previous_row"].apply(monkeypatch)
     found = find(monkeypatch, PROPERTIES["penalties"]())
     check_found("penalty counts of another row", found, replay_dir,
                 ("Divergence", "diverges from"), modes=LAZY)
 
 
 def test_a_stale_frame_applied_to_a_reused_id_is_found_and_shrunk(monkeypatch, replay_dir):
-    monkeypatch.setattr(Scheduler, "update_from_output", update_looking_up_by_id)
+    INJECTIONS["stale_frame_applied_to_reused_id"].apply(monkeypatch)
     found = find(monkeypatch, PROPERTIES["reused_id"]())
     workload = check_found("stale frame applied to a reused id", found, replay_dir, (),
                            ("diverges from", "placeholders with"), modes=LAZY)
@@ -338,7 +244,7 @@ def test_a_stale_frame_applied_to_a_reused_id_is_found_and_shrunk(monkeypatch, r
 
 
 def test_a_host_sync_hidden_in_the_step_is_found_and_shrunk(monkeypatch, replay_dir):
-    monkeypatch.setattr(InputBatch, "prepare", prepare_checking_positions)
+    INJECTIONS["item_in_input_prep"].apply(monkeypatch)
     found = find(monkeypatch, PROPERTIES["async_matches_sync"]())
     check_found("host sync hidden in the step", found, replay_dir,
                 ("SyncViolation", "Tensor.item"))
@@ -346,7 +252,7 @@ def test_a_host_sync_hidden_in_the_step_is_found_and_shrunk(monkeypatch, replay_
 
 def test_a_staging_buffer_rewritten_before_its_copy_is_found_and_shrunk(monkeypatch,
                                                                       replay_dir):
-    monkeypatch.setattr(InputBatch, "fence", no_fence)
+    INJECTIONS["fence_removed"].apply(monkeypatch)
     found = find(monkeypatch, PROPERTIES["lazy"]())
     check_found("staging buffer rewritten before its copy ran", found, replay_dir,
                 ("BufferRace",), modes=LAZY)

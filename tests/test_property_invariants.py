@@ -73,7 +73,8 @@ def test_the_clean_engine_keeps_every_invariant(mode):
 
 
 @pytest.mark.parametrize("plant, says", [
-    (collect_before_launching, "no overlap: step 1's device work completed before step 2"),
+    (collect_before_launching, "no overlap: step 1's device work had completed when step 2's "
+                              "launch returned"),
     (keep_blocks_on_abort, "finished requests ['r1'] hold KV blocks"),
     (never_release_slots, "keep their slots"),
     (keep_placeholders, "placeholders with"),
@@ -82,3 +83,12 @@ def test_a_planted_bug_breaks_its_invariant(monkeypatch, plant, says):
     plant(monkeypatch)
     with pytest.raises(InvariantViolation, match=says.replace("[", r"\[").replace("]", r"\]")):
         run_mode(WORKLOAD, LAZY, guard=False)
+
+
+def test_an_admission_in_a_step_that_preempted_breaks_its_invariant(monkeypatch):
+    from lockstep.ci.targeted import tight_cache
+    from lockstep.ci.zoo import INJECTIONS
+    run_mode(tight_cache(), LAZY, guard=False)  # clean: no violation
+    INJECTIONS["admit_in_a_preempting_step"].apply(monkeypatch)
+    with pytest.raises(InvariantViolation, match="admitted in a step that preempted"):
+        run_mode(tight_cache(), LAZY, guard=False)
