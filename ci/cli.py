@@ -32,6 +32,10 @@ def main(argv: list[str] | None = None) -> int:
     zoo.add_argument("--only", default="", metavar="NAMES",
                      help="comma-separated injection names (default: all)")
     zoo.add_argument("--jobs", type=int, default=1, help="injections run in parallel")
+    zoo.add_argument("--checks", default="", metavar="CHECKS",
+                     help="comma-separated gate checks to run against each injection "
+                     "(default: the whole gate; e.g. property,machine to measure the random "
+                     "search alone)")
     zoo.add_argument("--json", dest="json_path", metavar="FILE", help="write the table as JSON")
     zoo.add_argument("--list", action="store_true", help="list the injections and exit")
     bench = sub.add_parser("bench", help="decode TPOT sync vs async vs the HBM floor")
@@ -89,6 +93,7 @@ def main(argv: list[str] | None = None) -> int:
         from .zoo.runner import ZooOptions, run_zoo
         return run_zoo(ZooOptions(device=args.device, jobs=args.jobs, json_path=args.json_path,
                                   only=tuple(n for n in args.only.split(",") if n),
+                                  checks=tuple(n for n in args.checks.split(",") if n),
                                   list_only=args.list))
     if args.command == "guard-bench":
         from .guard_bench import run_guard_bench

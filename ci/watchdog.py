@@ -30,16 +30,16 @@ class CheckHang(BaseException):
     """A gate check stopped making progress (the message names the check and the step)."""
 
 
-def _stuck_at(thread_id: int) -> str:
-    """The innermost Lockstep frame of a thread: where it waits."""
-    frame = sys._current_frames().get(thread_id)
-    while frame is not None:
+def _stuck_at(thread_id: int, depth: int = 3) -> str:
+    """The innermost Lockstep frames of a thread, innermost first: where it waits."""
+    frame, found = sys._current_frames().get(thread_id), []
+    while frame is not None and len(found) < depth:
         path = frame.f_code.co_filename.replace(os.sep, "/")
-        if "/lockstep/" in path or any(f"/{d}/" in path for d in ("engine", "property_tests")):
-            parts = path.split("/")
-            return f"{'/'.join(parts[-2:])}:{frame.f_lineno} in {frame.f_code.co_name}"
+        if any(f"/{d}/" in path for d in ("lockstep", "engine", "property_tests", "ci")):
+            found.append(f"{'/'.join(path.split('/')[-2:])}:{frame.f_lineno} "
+                         f"in {frame.f_code.co_name}")
         frame = frame.f_back
-    return "outside Lockstep's code"
+    return " < ".join(found) or "outside Lockstep's code"
 
 
 @contextmanager
@@ -49,7 +49,7 @@ def watchdog(check: str, stall_s: float = 20.0, deadline_s: float = 900.0) -> It
         raise RuntimeError("watchdog() must run in the main thread (it interrupts it by signal)")
     main, stop, fired = threading.main_thread().ident, threading.Event(), []
     start = time.monotonic()
-    heartbeat.beat("", 0, False)
+    heartbeat.reset()
 
     def watch() -> None:
         while not stop.wait(POLL_S):

@@ -7,6 +7,7 @@ five methods (plus ``check_invariants``, which may do nothing) and a factory
 """
 from __future__ import annotations
 
+import threading
 import time
 from dataclasses import dataclass
 from typing import Callable, Protocol, Sequence
@@ -76,17 +77,28 @@ EngineFactory = Callable[[EngineSpec, Mode], EngineUnderTest]
 
 
 class Heartbeat:
-    """The last engine step any harness run began or ended: what a watchdog watches."""
+    """The last engine step each thread's harness run began or ended: what a watchdog watches."""
 
     def __init__(self) -> None:
-        self.run, self.step, self.in_step, self.time = "", 0, False, time.monotonic()
+        self.beats: dict[int, tuple[str, int, bool, float]] = {}
+        self.reset()
+
+    def reset(self) -> None:
+        self.beats = {threading.get_ident(): ("", 0, False, time.monotonic())}
 
     def beat(self, run: str, step: int, in_step: bool) -> None:
-        self.run, self.step, self.in_step, self.time = run, step, in_step, time.monotonic()
+        self.beats[threading.get_ident()] = (run, step, in_step, time.monotonic())
+
+    @property
+    def time(self) -> float:
+        return max(entry[3] for entry in list(self.beats.values()))
 
     def describe(self) -> str:
-        where = "inside" if self.in_step else "after"
-        return f"{where} step {self.step} of run {self.run or '(none yet)'}"
+        """The runs inside a step (the ones that may be stuck), else the latest beat."""
+        entries = sorted(list(self.beats.values()), key=lambda e: -e[3])
+        inside = [e for e in entries if e[2]] or entries[:1]
+        return "; ".join(f"{'inside' if e[2] else 'after'} step {e[1]} of run "
+                         f"{e[0] or '(none yet)'}" for e in inside)
 
 
 heartbeat = Heartbeat()

@@ -2,7 +2,7 @@
 
 Each test injects one fault of the zoo (:mod:`lockstep.ci.zoo`; applied through
 ``monkeypatch``, function-scoped so it never leaks), runs a hypothesis differential property
-under the ``ci`` profile (derandomized, 30 examples) on workloads drawn by the generic strategies,
+under the ``ci`` profile (derandomized, 30 examples; 100 for the reused-id property, whose state is rarer) on workloads drawn by the generic strategies,
 and checks that the final, shrunk failure
 
 * is a :class:`PropertyFailure` whose message names the detector that should catch this bug;
@@ -91,7 +91,7 @@ def differential_property(name: str, modes: tuple[Mode, ...] = ASYNC_MODES,
     return differential
 
 
-def one_bug(prop):
+def one_bug(prop, max_examples: int | None = None):
     """``prop`` under the ci profile (which the fixture loaded: derandomized, 30 examples) with
     two changes that leave the search alone and change only what happens after the first
     failure:
@@ -104,10 +104,11 @@ def one_bug(prop):
       engine, which makes the shrink about three times slower, for the "Explanation" note only.
     """
     phases = tuple(p for p in settings().phases if p is not Phase.explain)
-    return settings(report_multiple_bugs=False, phases=phases)(prop)
+    return settings(report_multiple_bugs=False, phases=phases,
+                    max_examples=max_examples or settings().max_examples)(prop)
 
 
-def find(monkeypatch, prop) -> Found:
+def find(monkeypatch, prop, max_examples: int | None = None) -> Found:
     """Run hypothesis property ``prop`` (through :func:`one_bug`); it must raise the shrunk
     PropertyFailure. ``check_workload`` is wrapped only to count and time the examples."""
     calls, first = [0], [None]
@@ -125,7 +126,7 @@ def find(monkeypatch, prop) -> Found:
     monkeypatch.setattr(properties, "check_workload", timed_check)
     start = time.perf_counter()
     with pytest.raises(PropertyFailure) as info:
-        one_bug(prop)()
+        one_bug(prop, max_examples)()
     end = time.perf_counter()
     assert first[0] is not None
     return Found(info.value, calls[0], first[0] - start, end - start)
@@ -236,7 +237,7 @@ def test_penalty_counts_of_another_row_are_found_and_shrunk(monkeypatch, replay_
 
 def test_a_stale_frame_applied_to_a_reused_id_is_found_and_shrunk(monkeypatch, replay_dir):
     INJECTIONS["stale_frame_applied_to_reused_id"].apply(monkeypatch)
-    found = find(monkeypatch, PROPERTIES["reused_id"]())
+    found = find(monkeypatch, PROPERTIES["reused_id"](), max_examples=100)
     workload = check_found("stale frame applied to a reused id", found, replay_dir, (),
                            ("diverges from", "placeholders with"), modes=LAZY)
     ids = [r.request_id for r in workload.requests]

@@ -30,15 +30,17 @@ class ZooOptions:
     jobs: int = 1
     json_path: str | None = None
     only: tuple[str, ...] = ()
+    checks: tuple[str, ...] = ()   # the gate's checks to run (default: all of them)
     list_only: bool = False
 
 
-def run_worker(name: str, device: str, folder: Path) -> dict:
+def run_worker(name: str, device: str, folder: Path, checks: tuple[str, ...] = ()) -> dict:
     out = folder / f"{name}.json"
     start = time.perf_counter()
     try:
         proc = subprocess.run([sys.executable, "-m", "lockstep.ci.zoo.worker", name,
-                               "--device", device, "--out", str(out)],
+                               "--device", device, "--out", str(out),
+                               "--checks", ",".join(checks)],
                               capture_output=True, text=True, timeout=WORKER_TIMEOUT_S)
     except subprocess.TimeoutExpired:
         return {"name": name, "error": f"worker ran past {WORKER_TIMEOUT_S} s"}
@@ -67,6 +69,11 @@ def run_zoo(options: ZooOptions) -> int:
     if unknown:
         print(f"lockstep zoo: --only: unknown injections {sorted(unknown)}")
         return 2
+    from ..gate import CHECKS
+    bad_checks = set(options.checks) - {c.name for c in CHECKS}
+    if bad_checks:
+        print(f"lockstep zoo: --checks: unknown gate checks {sorted(bad_checks)}")
+        return 2
     if options.device not in ("cpu", "cuda"):
         print(f"lockstep zoo: --device={options.device!r}: choose cpu or cuda")
         return 2
@@ -77,12 +84,12 @@ def run_zoo(options: ZooOptions) -> int:
             print(f"{name:40} {CLASSES[inj.bug_class]:28} {inj.summary}")
         return 0
     print(f"lockstep zoo: {len(names)} injections + the clean engine, device={options.device}, "
-          f"{options.jobs} at a time")
+          f"{options.jobs} at a time, checks: {','.join(options.checks) or 'the whole gate'}")
     print(f"| injection | class | caught by | seconds to catch |\n|---|---|---|---|")
     folder = Path(tempfile.mkdtemp(prefix="lockstep-zoo-"))
     start, results = time.perf_counter(), []
     with ThreadPoolExecutor(max_workers=max(1, options.jobs)) as pool:
-        futures = [pool.submit(run_worker, n, options.device, folder)
+        futures = [pool.submit(run_worker, n, options.device, folder, options.checks)
                    for n in ["clean", *names]]
         for future in futures:
             r = future.result()

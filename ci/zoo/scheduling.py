@@ -91,8 +91,8 @@ def _stop_reason_counting_placeholders(self, token):
 def finish_check_counts_placeholders(patch) -> None:
     """Request.stop_reason_for counts in-flight placeholders as generated tokens.
 
-    With a step in flight, a request finishes "length" one token short of max_tokens. Async
-    only.
+    With a step in flight, a request finishes "length" one token short of max_tokens.
+    Async only.
     """
     patch.setattr(Request, "stop_reason_for", _stop_reason_counting_placeholders)
 

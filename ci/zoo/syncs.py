@@ -135,8 +135,8 @@ def collect_polls_instead_of_waiting(patch) -> None:
     """PendingOutput.get_output spins on ``Event.query()`` instead of waiting ("no blocking
     sync").
 
-    A poll never drives the device: where device work runs only when the host waits (sim lazy;
-    on a GPU, a copy stream starved of work), the collect spins forever inside one step. On
-    a GPU otherwise a busy-wait that burns the host core the next step needs.
+    A poll never drives the device: where device work runs only when the host waits (sim lazy),
+    the collect spins forever inside one step; on a GPU it is a busy-wait that burns the host
+    core the next step needs. Both modes.
     """
     patch.setattr(PendingOutput, "get_output", _get_output_polling)

@@ -20,7 +20,7 @@ import time
 import torch
 
 
-def run(name: str, device: str) -> dict:
+def run(name: str, device: str, checks: tuple[str, ...] = ()) -> dict:
     from lockstep.ci.gate import GateOptions, run_check, selected, validate
     from lockstep.ci.watchdog import CheckHang, watchdog
     from lockstep.property_tests import profiles
@@ -44,7 +44,8 @@ def run(name: str, device: str) -> dict:
             out["demonstration_failed"] = str(exc)
         out["demonstration_s"] = time.perf_counter() - start
         injection.apply(Patcher())  # for the rest of this process: it is the process's purpose
-    options = GateOptions(device=device, stop_at_first_failure=name != "clean", stall_s=10)
+    options = GateOptions(device=device, stop_at_first_failure=name != "clean", stall_s=10,
+                          only=checks)
     validate(options)
     profiles.load("ci")
     out["checks"], elapsed = [], 0.0
@@ -67,13 +68,14 @@ def main() -> int:
     parser.add_argument("name")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--out", required=True)
+    parser.add_argument("--checks", default="", help="comma-separated gate checks (default all)")
     args = parser.parse_args()
     torch.set_num_threads(1)
     for logger in ("sync_guard", "lockstep"):
         logging.getLogger(logger).setLevel(logging.CRITICAL)
     os.environ.setdefault("LOCKSTEP_REPLAY_DIR", tempfile.mkdtemp(prefix="lockstep-zoo-"))
     with contextlib.redirect_stdout(io.StringIO()):  # hypothesis' own reports
-        result = run(args.name, args.device)
+        result = run(args.name, args.device, tuple(c for c in args.checks.split(",") if c))
     with open(args.out, "w") as f:
         json.dump(result, f)
     return 0
