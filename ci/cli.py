@@ -55,7 +55,7 @@ def main(argv: list[str] | None = None) -> int:
     rep = sub.add_parser("replay", help="re-run a saved failing workload and print the report")
     rep.add_argument("file", help="a workload JSON file written by a failing property")
     rep.add_argument("--device", default="sim", choices=["sim", "cuda"])
-    rep.add_argument("--policy", default=None, choices=["eager", "lazy", "threaded"],
+    rep.add_argument("--policy", default=None, choices=["eager", "lazy", "threaded", "skewed"],
                      help="one sim policy (default: all three)")
     fuzz = sub.add_parser("fuzz", help="a long fuzzing session of the differential property "
                           "on K workers sharing one example database (exit status 1 on failure)")
