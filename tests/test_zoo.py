@@ -101,3 +101,10 @@ def test_lockstep_zoo_refuses_unknown_names():
     proc = subprocess.run([sys.executable, "-m", "lockstep", "zoo", "--only", "nope"],
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and "unknown injections ['nope']" in proc.stdout
+
+
+def test_the_catalogue_lists_every_injection():
+    from pathlib import Path
+    text = (Path(__file__).parent.parent / "docs" / "zoo.md").read_text()
+    missing = [name for name in INJECTIONS if f"| `{name}` |" not in text]
+    assert not missing, missing
