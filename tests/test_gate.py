@@ -133,3 +133,18 @@ def test_the_mixed_batch_chunks_a_prefill_and_the_slot_workload_reuses_slots():
     slots = targeted.slot_reuse()
     assert len(slots.requests) > slots.engine.max_num_seqs
     assert sum(r.params.has_penalties for r in slots.requests) >= 2
+
+
+def test_model_applies_to_the_checks_that_take_one(hf_checkpoint, capsys):
+    path = hf_checkpoint("qwen2")   # vocab 256: the gate reads it from config.json
+    assert run_gate(GateOptions(model=path, only=("generate", "property-model"))) == 0
+    out = capsys.readouterr().out
+    assert f"model={path}" in out and out.count(f"(model {path})") == 2, out
+
+
+def test_quick_keeps_the_fast_checks_with_fewer_examples(capsys):
+    from lockstep.ci.gate import selected
+    assert [c.name for c in selected(GateOptions(quick=True))] == ["targeted", "generate",
+                                                                    "property"]
+    assert [c.name for c in selected(GateOptions())] == ["targeted", "generate", "property",
+                                                          "machine", "property-model"]
