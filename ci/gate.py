@@ -117,6 +117,9 @@ def run_gate(options: GateOptions) -> int:
                         quick=options.quick)
     print(f"lockstep gate: model={result.model} device={options.device}"
           f"{' (quick)' if options.quick else ''}, {len(checks)} checks")
+    on_model = [c.name for c in checks if c.uses_model]
+    print(f"  on the model: {', '.join(on_model) or 'none'}; the others always use the oracle "
+          f"(exact comparisons){'' if options.device == 'cpu' else ', perf its own model'}")
     for check in checks:
         outcome = run_check(check, options)
         result.checks.append(outcome)
