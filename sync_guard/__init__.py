@@ -17,17 +17,20 @@ from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any, Iterator
 
 if TYPE_CHECKING:
-    from ._scope import DEFAULT_LEVEL, GuardError, Scope, SyncReport, SyncViolation
+    from ._scope import GuardError, Scope, SyncReport, SyncViolation, default_level
     from .races import BufferRace, race_check
 
-__all__ = ["disallow", "log", "allow", "race_check", "armed", "Scope", "SyncViolation",
-           "BufferRace", "GuardError", "SyncReport", "DEFAULT_LEVEL"]
+__all__ = ["disallow", "log", "allow", "race_check", "armed", "as_device", "Scope", "SyncViolation",
+           "BufferRace", "GuardError", "SyncReport", "default_level", "LEVELS"]
 
 # Torch is imported on first use of the guard, not by ``import sync_guard``: the pytest plugin
 # lives in this package and must cost nothing in a test run that never guards anything.
 _LAZY = {"Scope": "_scope", "SyncViolation": "_scope", "GuardError": "_scope",
-         "SyncReport": "_scope", "DEFAULT_LEVEL": "_scope", "BufferRace": "races",
+         "SyncReport": "_scope", "default_level": "_scope", "BufferRace": "races",
          "race_check": "races"}
+
+
+from .levels import LEVELS  # noqa: E402  (torch-free: allow, log, disallow; aliases off, warn, error)
 
 
 def __getattr__(name: str) -> Any:
@@ -54,10 +57,27 @@ def allow(reason: str, first_only: bool = False) -> Scope:
     return Scope("allow", reason, first_only)
 
 
+def as_device(tensor: Any) -> Any:
+    """Treat a CPU tensor as (simulated) device memory; returns it.
+
+    On a machine without CUDA nothing syncs, so the guard has nothing to see. Marked tensors,
+    and everything computed from them inside a guarded scope, behave like GPU memory: a host
+    read (``.item()``, ``.tolist()``, printing, a data-dependent shape) is reported as the sync
+    it would be on a GPU::
+
+        x = sync_guard.as_device(torch.randn(4, 8))
+        with sync_guard.disallow():
+            step(x)            # x.argmax(-1).max().item() -> SyncViolation: Tensor.item
+    """
+    from . import hooks
+    hooks.register_device_memory(tensor)
+    return tensor
+
+
 @contextmanager
 def armed(level: str = "disallow", widen_ms: float | None = None) -> Iterator[list[SyncReport]]:
     """The sync detector at ``level`` plus the race checker: what ``nosync`` tests run under."""
     from ._scope import Scope
     from .races import race_check
-    with Scope(level) as reports, race_check(widen_ms=widen_ms):
+    with Scope(level) as reports, race_check(widen_ms=widen_ms, level=level):
         yield reports

@@ -2,7 +2,11 @@
 
 The scope stack lives in a context variable, so it belongs to the thread (and the asyncio task)
 that entered it: another thread's legitimate waits are never judged by it. The default level,
-for code outside any scope, comes from the ``SYNC_GUARD`` environment variable (``allow``).
+for code outside any scope, comes from the ``SYNC_GUARD`` environment variable (``allow``), read
+at first use: a bad value is a ``ValueError`` that names the variable then, not at import.
+
+One level vocabulary everywhere (API, ``SYNC_GUARD``, the pytest plugin): ``allow``, ``log``,
+``disallow``; ``off``, ``warn`` and ``error`` are accepted as aliases.
 """
 from __future__ import annotations
 
@@ -19,31 +23,36 @@ from pathlib import Path
 
 import torch
 
-LEVELS = ("allow", "log", "disallow")
-ENV_VAR = "SYNC_GUARD"
+from .levels import ENV_VAR, LEVELS, normalize_level  # noqa: F401  (re-exported)
+
 logger = logging.getLogger("sync_guard")
 
 _PACKAGE_DIR = str(Path(__file__).parent)
 _TORCH_DIR = str(Path(torch.__file__).parent)
 _SKIPPED = (_PACKAGE_DIR, _TORCH_DIR, str(Path(contextlib.__file__)))
+_SKIPPED_PARTS = tuple(f"{os.sep}{name}{os.sep}" for name in ("_pytest", "pytest", "pluggy"))
 
 
 class GuardError(RuntimeError):
     """Base of the guard's errors; code that catches broad exceptions should re-raise these."""
 
-
-def _read_default() -> str:
-    level = os.environ.get(ENV_VAR, "allow").strip().lower() or "allow"
-    if level not in LEVELS:
-        raise ValueError(f"{ENV_VAR}={level!r} is not one of {', '.join(LEVELS)}")
-    return level
+    __module__ = "sync_guard"  # reports name the public spelling, sync_guard.SyncViolation
 
 
-DEFAULT_LEVEL = _read_default()
+_default: list[str] = []   # the SYNC_GUARD level, once read successfully
+
+
+def default_level() -> str:
+    """The level outside any scope, from ``SYNC_GUARD`` (read once; a bad value raises at
+    every use, so the error is seen where the guard is first used)."""
+    if not _default:
+        raw = os.environ.get(ENV_VAR, "").strip() or "allow"
+        _default.append(normalize_level(raw, ENV_VAR))
+    return _default[0]
 
 
 def user_frames() -> list[traceback.FrameSummary]:
-    """The caller's stack without the guard's and torch's own frames.
+    """The caller's stack without the guard's, torch's, pytest's and pluggy's frames.
 
     Built straight from the frame objects, without reading source lines (they are read when a
     report is printed): this runs for every tracked copy and every allowed wait.
@@ -52,7 +61,8 @@ def user_frames() -> list[traceback.FrameSummary]:
     frame = sys._getframe(1)
     while frame is not None:
         filename = frame.f_code.co_filename
-        if not filename.startswith(_SKIPPED):
+        if not (filename.startswith(_SKIPPED) or filename.startswith("<frozen")
+                or any(part in filename for part in _SKIPPED_PARTS)):
             frames.append(traceback.FrameSummary(filename, frame.f_lineno, frame.f_code.co_name,
                                                  lookup_line=False))
         frame = frame.f_back
@@ -88,6 +98,8 @@ class SyncReport:
 class SyncViolation(GuardError):
     """A host sync inside a ``disallow`` scope."""
 
+    __module__ = "sync_guard"
+
     def __init__(self, report: SyncReport) -> None:
         super().__init__(str(report))
         self.report = report
@@ -111,13 +123,13 @@ _armed_threads = threading.local()  # per-thread count of scopes using the dispa
 def armed() -> bool:
     """Whether a sync in the calling context would be looked at (cheap: one variable read)."""
     frame = _current.get()
-    return DEFAULT_LEVEL != "allow" if frame is None else True
+    return default_level() != "allow" if frame is None else True
 
 
 def check_sync(op: str) -> None:
     """Judge a host sync by the innermost scope of the calling context."""
     frame = _current.get()
-    if frame is None and DEFAULT_LEVEL == "allow":
+    if frame is None and default_level() == "allow":
         return
     report = SyncReport(op, thread_name(), user_frames())
     while frame is not None and frame.level == "allow":
@@ -127,7 +139,7 @@ def check_sync(op: str) -> None:
             _record(frame, report)
             return
         frame = frame.parent  # a first_only allowance that was used: the next scope decides
-    level = DEFAULT_LEVEL if frame is None else frame.level
+    level = default_level() if frame is None else frame.level
     if frame is not None:
         _record(frame, report)
     if level == "log":
@@ -148,8 +160,8 @@ class Scope(ContextDecorator):
     """A guard scope; ``with`` it gives the list of syncs seen inside (allowed ones included)."""
 
     def __init__(self, level: str, reason: str | None = None, first_only: bool = False) -> None:
-        if level not in LEVELS:
-            raise ValueError(f"level={level!r} is not one of {', '.join(LEVELS)}")
+        level = normalize_level(level)
+        default_level()  # a bad SYNC_GUARD is an error at the first use of the guard
         if level == "allow" and not reason:
             raise ValueError("allow() needs a reason, e.g. allow('collect: wait for outputs')")
         self.level, self.reason, self.first_only = level, reason, first_only
@@ -158,7 +170,7 @@ class Scope(ContextDecorator):
 
     def __enter__(self) -> list[SyncReport]:
         parent = _current.get()
-        if self.level == "allow" and parent is None and DEFAULT_LEVEL == "allow":
+        if self.level == "allow" and parent is None and default_level() == "allow":
             self._tokens.append(None)  # nothing is guarded here: the allowance has no effect
             return self.records
         frame = _Frame(self.level, parent, self.records, self.reason, self.first_only)

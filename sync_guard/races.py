@@ -92,6 +92,8 @@ class BufferRace(_scope.GuardError):
     access (or of the point where a changed digest was noticed).
     """
 
+    __module__ = "sync_guard"
+
     def __init__(self, what: str, copy: _Copy) -> None:
         self.copy_site = copy.site
         self.access_site = _scope.user_frames()
@@ -114,6 +116,13 @@ class _HB:
     # An entry goes once the host's clock covers it: waiting on it can teach nothing more.
     events: dict[int, tuple[Any, dict]] = field(default_factory=dict)
     pending: list[_Copy] = field(default_factory=list)
+    logged: list | None = None   # under race_check(level="log"): races are recorded, not raised
+
+    def report(self, race: "BufferRace") -> None:
+        if self.logged is None:
+            raise race
+        self.logged.append(race)
+        _scope.logger.warning("%s", race)
 
     def tick(self, stream: Any) -> tuple[Hashable, int]:
         key = _stream_key(stream)
@@ -160,9 +169,9 @@ class _HB:
     def verify(self, copy: _Copy, where: str) -> None:
         if copy.digest is not None and _digest(copy.host) != copy.digest:
             copy.digest = None  # reported once
-            raise BufferRace(
+            self.report(BufferRace(
                 f"host buffer changed while a {copy.direction} copy from it was pending (a write "
-                f"torch did not see, e.g. through a numpy view), noticed at {where}", copy)
+                f"torch did not see, e.g. through a numpy view), noticed at {where}", copy))
 
     def access(self, t: torch.Tensor, write: bool, op: str) -> None:
         lo, hi = _span(t)
@@ -170,8 +179,10 @@ class _HB:
             if lo < copy.hi and copy.lo < hi and (write or copy.direction == D2H):
                 device = "read" if copy.direction == H2D else "be writing"
                 kind, prep = ("write", "to") if write else ("read", "of")
-                raise BufferRace(f"host {kind} ({op}) {prep} a buffer that a pending "
-                                 f"{copy.direction} copy may still {device}", copy)
+                copy.digest = None  # this race is reported here, not again at the exit
+                self.report(BufferRace(f"host {kind} ({op}) {prep} a buffer that a pending "
+                                       f"{copy.direction} copy may still {device}", copy))
+                return
 
 
 @dataclass(slots=True)
@@ -376,30 +387,40 @@ class race_check:
         with race_check():
             dev_ids.copy_(host_ids, non_blocking=True)
             host_ids.fill_(0)   # BufferRace: the copy may not have read host_ids yet
+
+    ``level="log"`` records each race (``with race_check(level="log") as races:``) and logs it
+    (logger ``sync_guard``) instead of raising.
     """
 
-    def __init__(self, widen_ms: float | None = None) -> None:
+    def __init__(self, widen_ms: float | None = None, level: str = "disallow") -> None:
         if widen_ms is not None and not widen_ms > 0:
             raise ValueError(f"widen_ms={widen_ms!r}: must be a positive number of ms, or None")
+        level = _scope.normalize_level(level)
+        if level == "allow":
+            raise ValueError("race_check(level='allow') checks nothing: leave it out instead")
         self.widen_ms = widen_ms
+        self.races: list[BufferRace] = []   # under level="log": the races seen, in order
+        self._log = level == "log"
         self._tokens: list = []
 
     def __call__(self, fn: Callable) -> Callable:
         @functools.wraps(fn)
         def wrapper(*args, **kwargs):
-            with race_check(self.widen_ms):
+            with race_check(self.widen_ms, "log" if self._log else "disallow"):
                 return fn(*args, **kwargs)
         return wrapper
 
-    def __enter__(self) -> None:
+    def __enter__(self) -> list["BufferRace"]:
         _install_patches()
         if self.widen_ms and torch.cuda.is_available():
             _calibrate()  # before arming: the calibration's own sync is not judged
         outer, thread = _armed.get(), threading.get_ident()
         shared = outer is not None and outer.thread == thread
         widen_ms = outer.widen_ms if shared and self.widen_ms is None else self.widen_ms
-        self._tokens.append(_armed.set(_Armed(outer.hb if shared else _HB(), widen_ms, thread)))
+        hb = outer.hb if shared else _HB(logged=self.races if self._log else None)
+        self._tokens.append(_armed.set(_Armed(hb, widen_ms, thread)))
         _thread_mode.arm()
+        return self.races
 
     def __exit__(self, exc_type, *exc) -> None:
         _thread_mode.disarm()

@@ -9,7 +9,7 @@ import pytest
 
 from lockstep.engine import LLM, SamplingParams
 
-pytestmark = pytest.mark.nosync
+pytestmark = pytest.mark.nosync("lockstep.engine.core:EngineCore.step")
 
 TIGHT = dict(block_size=4, num_kv_blocks=48, max_num_batched_tokens=32, max_num_seqs=6)
 TARGETS = [("sim", "eager"), ("sim", "lazy"), ("sim", "threaded"),

@@ -167,14 +167,32 @@ def test_the_environment_variable_sets_the_default_level():
             "try:\n    torch.cuda.synchronize() if torch.cuda.is_available() else "
             "SimDevice('eager').compute.synchronize()\nexcept sync_guard.SyncViolation:\n"
             "    print('raised')\n")
-    env = dict(os.environ, SYNC_GUARD="disallow")
-    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
-                         check=True)
-    assert out.stdout.strip() == "raised"
-    bad = dict(env, SYNC_GUARD="sometimes")
-    failed = subprocess.run([sys.executable, "-c", "import sync_guard; sync_guard.disallow()"],
-                            env=bad, capture_output=True, text=True)
-    assert failed.returncode != 0 and "SYNC_GUARD='sometimes'" in failed.stderr
+    for value in ("disallow", "error"):  # the level, and its alias
+        env = dict(os.environ, SYNC_GUARD=value)
+        out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
+                             text=True, check=True)
+        assert out.stdout.strip() == "raised", value
+
+
+def test_a_bad_environment_level_is_an_error_at_first_use_not_at_import():
+    bad = dict(os.environ, SYNC_GUARD="sometimes")
+    code = "import sync_guard\nprint('imported')\nsync_guard.disallow()\n"
+    failed = subprocess.run([sys.executable, "-c", code], env=bad, capture_output=True, text=True)
+    assert failed.stdout.strip() == "imported" and failed.returncode != 0
+    assert ("ValueError: SYNC_GUARD='sometimes' is not a sync_guard level; choose one of allow, "
+            "log, disallow (aliases: off=allow, warn=log, error=disallow)") in failed.stderr
+
+
+@pytest.mark.parametrize("alias, level", [("off", "allow"), ("warn", "log"),
+                                          ("error", "disallow"), ("LOG", "log")])
+def test_the_api_takes_the_same_levels_and_aliases(alias, level):
+    assert sync_guard.Scope(alias, reason="why").level == level
+
+
+def test_a_bad_api_level_lists_the_valid_ones():
+    with pytest.raises(ValueError, match="level='strict' is not a sync_guard level; choose one "
+                                         "of allow, log, disallow"):
+        sync_guard.Scope("strict")
 
 
 def test_an_armed_guard_leaves_other_libraries_results_unchanged(hf_checkpoint):
@@ -199,3 +217,13 @@ def test_device_memory_stays_device_memory_after_a_view_of_it_dies(dev):
     with pytest.raises(sync_guard.SyncViolation):
         with sync_guard.disallow():
             buffer.sum().item()
+
+
+def test_as_device_lets_the_guard_see_syncs_in_cpu_only_code():
+    x = sync_guard.as_device(torch.randn(4, 8))
+    with sync_guard.disallow():
+        n = x.argmax(-1)       # computed from device memory: device memory too
+        with pytest.raises(sync_guard.SyncViolation, match="Tensor.item"):
+            n.max().item()
+    with sync_guard.disallow():
+        torch.randn(4, 8).argmax(-1).max().item()   # plain host tensors: nothing to report

@@ -347,3 +347,14 @@ def test_cuda_a_read_of_a_pinned_destination_before_a_stream_wait_raises():
             host.tolist()
         torch.cuda.current_stream().synchronize()
         assert host.tolist() == list(range(16))
+
+
+def test_race_check_at_level_log_records_and_does_not_raise():
+    dev = SimDevice("lazy")
+    host, target = torch.zeros(4), dev.zeros(4, dtype=torch.float32)
+    with race_check(level="log") as found:
+        dev.copy_async(target, host, dev.compute)
+        host.fill_(1.0)    # the copy has not read it yet
+    assert len(found) == 1 and "host write" in str(found[0])
+    with pytest.raises(ValueError, match="checks nothing"):
+        race_check(level="allow")
