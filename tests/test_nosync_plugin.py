@@ -142,7 +142,9 @@ import pytest, torch, sync_guard
 import mk.ops
 from mk.ops import step
 
-def x():
+def x():  # real device memory on a GPU; on CPU, a tensor the guard treats as device memory
+    if torch.cuda.is_available():
+        return torch.randn(4, 8, device="cuda")
     return sync_guard.as_device(torch.randn(4, 8))
 
 @pytest.mark.nosync
