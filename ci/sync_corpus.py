@@ -283,6 +283,18 @@ def guard_verdict(snippet: Snippet, cycles: int) -> list[str]:
     return [report.op for report in reports]
 
 
+def light_verdict(snippet: Snippet, cycles: int) -> list[str]:
+    """The ops sync_guard's always-on mode (``light``) reports for the snippet."""
+    import sync_guard
+    ctx = _prepared(cycles)
+    try:
+        with sync_guard.light("log") as reports:
+            _finish(snippet.fn(ctx))
+    finally:
+        torch.cuda.synchronize()
+    return [report.op for report in reports]
+
+
 def torch_debug_warnings(snippet: Snippet, cycles: int) -> int:
     """Warnings from torch's sync debug mode (process-global) while the snippet runs."""
     ctx = _prepared(cycles)
@@ -310,6 +322,7 @@ def run_snippet(snippet: Snippet, sleep_ms: float = SLEEP_MS) -> dict:
     row = {"name": snippet.name, "category": snippet.category, "expected": snippet.expected,
            "informative": snippet.informative, "note": snippet.note, "skipped": False,
            "error": None, "oracle": None, "oracle_ms": [], "guard": None, "guard_ops": [],
+           "light": None, "light_ops": [],
            "torch_debug": None, "torch_debug_warnings": None}
     try:
         oracle_ms(snippet, cycles)  # warm-up: lazy init, kernel loading, allocator growth
@@ -329,6 +342,8 @@ def run_snippet(snippet: Snippet, sleep_ms: float = SLEEP_MS) -> dict:
                 break
         row["guard_ops"] = guard_verdict(snippet, cycles)
         row["guard"] = bool(row["guard_ops"])
+        row["light_ops"] = light_verdict(snippet, cycles)
+        row["light"] = bool(row["light_ops"])
         row["torch_debug_warnings"] = torch_debug_warnings(snippet, cycles)
         row["torch_debug"] = row["torch_debug_warnings"] > 0
     except Exception as exc:  # noqa: BLE001 - a crash under the guard is a finding, not an abort
@@ -346,6 +361,9 @@ def summarize(rows: list[dict]) -> dict:
         "scored": len(scored), "correct": len(correct), "ran": len(ran),
         "skipped": [r["name"] for r in rows if r["skipped"]],
         "mismatches": [r["name"] for r in scored if r not in correct],
+        "light_correct": sum(r["error"] is None and r["light"] == r["oracle"] for r in scored),
+        "light_mismatches": [r["name"] for r in scored
+                             if r["error"] is None and r["light"] != r["oracle"]],
         "unstable_oracle": [r["name"] for r in ran if r["error"] is None and r["oracle"] is None],
         "errors": {r["name"]: r["error"] for r in ran if r["error"]},
         "wrong_beliefs": [r["name"] for r in ran
@@ -395,6 +413,8 @@ def print_sync_report(result: dict) -> None:
               f"{ms:>15} {_yn(r['guard']):6} {_yn(r['torch_debug']):6} {ops}{flag}{err}")
     s = result["summary"]
     print(f"guard accuracy: {s['correct']}/{s['scored']}")
+    print(f"always-on (light) accuracy: {s['light_correct']}/{s['scored']}; mismatches: "
+          f"{s['light_mismatches']}")
     print(f"guard mismatches: {s['mismatches']}")
     print(f"oracle disagrees with expected (belief was wrong): {s['wrong_beliefs']}")
     print(f"torch debug mode misses: {s['torch_debug_misses']}")

@@ -4,6 +4,9 @@
   decorators) for the calling thread or asyncio task; a host sync inside ``disallow`` raises
   :class:`SyncViolation`, inside ``log`` it is logged and recorded; ``allow`` names a sync that
   is expected. The level outside any scope comes from the ``SYNC_GUARD`` environment variable.
+* ``light()``: the always-on mode (torch's own C++ check routed per thread, cheap wrappers,
+  staging-buffer reuse checked at the reuse); ``sampled(step, every=16)``: the deep mode on one
+  step in N.
 * ``race_check()``: a host write to a buffer that a pending device copy still reads, or a host
   read of a copy's destination before it is known complete, raises :class:`BufferRace`.
 * The ``nosync`` pytest plugin (``sync_guard.pytest_plugin``) arms both around engine steps.
@@ -18,16 +21,19 @@ from typing import TYPE_CHECKING, Any, Iterator
 
 if TYPE_CHECKING:
     from ._scope import GuardError, Scope, SyncReport, SyncViolation, default_level
+    from ._light import light
+    from ._sampled import sampled
     from .races import BufferRace, race_check
 
-__all__ = ["disallow", "log", "allow", "race_check", "armed", "as_device", "Scope", "SyncViolation",
-           "BufferRace", "GuardError", "SyncReport", "default_level", "LEVELS"]
+__all__ = ["disallow", "log", "allow", "light", "sampled", "race_check", "armed", "as_device",
+           "Scope", "SyncViolation", "BufferRace", "GuardError", "SyncReport", "default_level",
+           "LEVELS"]
 
 # Torch is imported on first use of the guard, not by ``import sync_guard``: the pytest plugin
 # lives in this package and must cost nothing in a test run that never guards anything.
 _LAZY = {"Scope": "_scope", "SyncViolation": "_scope", "GuardError": "_scope",
          "SyncReport": "_scope", "default_level": "_scope", "BufferRace": "races",
-         "race_check": "races"}
+         "race_check": "races", "light": "_light", "sampled": "_sampled"}
 
 
 from .levels import LEVELS  # noqa: E402  (torch-free: allow, log, disallow; aliases off, warn, error)

@@ -159,8 +159,10 @@ def _record(frame: _Frame | None, report: SyncReport) -> None:
 class Scope(ContextDecorator):
     """A guard scope; ``with`` it gives the list of syncs seen inside (allowed ones included)."""
 
-    def __init__(self, level: str, reason: str | None = None, first_only: bool = False) -> None:
+    def __init__(self, level: str, reason: str | None = None, first_only: bool = False,
+                 deep: bool = True) -> None:
         level = normalize_level(level)
+        self.deep = deep  # False: no per-op dispatch mode (the always-on mode, sync_guard.light)
         default_level()  # a bad SYNC_GUARD is an error at the first use of the guard
         if level == "allow" and not reason:
             raise ValueError("allow() needs a reason, e.g. allow('collect: wait for outputs')")
@@ -175,13 +177,13 @@ class Scope(ContextDecorator):
             return self.records
         frame = _Frame(self.level, parent, self.records, self.reason, self.first_only)
         self._tokens.append(_current.set(frame))
-        if self.level != "allow":  # an allowance only matters inside a scope that armed already
+        if self.level != "allow" and self.deep:  # an allowance needs no mode of its own
             from .detector import arm_thread
             arm_thread()
         return self.records
 
     def __exit__(self, *exc) -> None:
-        if self.level != "allow":
+        if self.level != "allow" and self.deep:
             from .detector import disarm_thread
             disarm_thread()
         token = self._tokens.pop()

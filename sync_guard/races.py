@@ -94,6 +94,15 @@ class BufferRace(_scope.GuardError):
 
     __module__ = "sync_guard"
 
+    @classmethod
+    def at_reuse(cls, what: str) -> "BufferRace":
+        """A race found where a buffer is reused (the always-on mode: no copy site known)."""
+        race = cls.__new__(cls)
+        race.copy_site, race.access_site = [], _scope.user_frames()
+        _scope.GuardError.__init__(race, f"{what}, in thread {_scope.thread_name()!r}\n"
+                                         f"  at:\n{_format(race.access_site)}")
+        return race
+
     def __init__(self, what: str, copy: _Copy) -> None:
         self.copy_site = copy.site
         self.access_site = _scope.user_frames()
