@@ -297,11 +297,12 @@ def light_verdict(snippet: Snippet, cycles: int) -> list[str]:
 
 def torch_debug_warnings(snippet: Snippet, cycles: int) -> int:
     """Warnings from torch's sync debug mode (process-global) while the snippet runs."""
+    from sync_guard._light import torch_warnings_shown
     ctx = _prepared(cycles)
-    previous = torch.cuda.get_sync_debug_mode()  # sync_guard may keep torch armed at "warn"
+    previous = torch.cuda.get_sync_debug_mode()  # sync_guard.light keeps torch armed at "warn"
     _set_debug_mode("warn")  # outside the recording: its "prototype ... synchronizing" notice
     try:
-        with warnings.catch_warnings(record=True) as caught:
+        with warnings.catch_warnings(record=True) as caught, torch_warnings_shown():
             warnings.simplefilter("always")
             _finish(snippet.fn(ctx))
     finally:

@@ -51,6 +51,9 @@ def default_level() -> str:
     return _default[0]
 
 
+_hidden_files: dict[str, bool] = {}  # filename -> not a user frame (judged once per file)
+
+
 def user_frames() -> list[traceback.FrameSummary]:
     """The caller's stack without the guard's, torch's, pytest's and pluggy's frames.
 
@@ -61,8 +64,12 @@ def user_frames() -> list[traceback.FrameSummary]:
     frame = sys._getframe(1)
     while frame is not None:
         filename = frame.f_code.co_filename
-        if not (filename.startswith(_SKIPPED) or filename.startswith("<frozen")
-                or any(part in filename for part in _SKIPPED_PARTS)):
+        hidden = _hidden_files.get(filename)
+        if hidden is None:
+            hidden = _hidden_files[filename] = (
+                filename.startswith(_SKIPPED) or filename.startswith("<frozen")
+                or any(part in filename for part in _SKIPPED_PARTS))
+        if not hidden:
             frames.append(traceback.FrameSummary(filename, frame.f_lineno, frame.f_code.co_name,
                                                  lookup_line=False))
         frame = frame.f_back
