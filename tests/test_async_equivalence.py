@@ -34,6 +34,9 @@ def params_for(scenario: str, n: int) -> list[SamplingParams]:
             temperature=0.9, seed=i, min_tokens=6, stop_token_ids=list(range(3, 200)),
             max_tokens=20),
         "logprobs": lambda i: SamplingParams(temperature=0.8, seed=i, logprobs=3, **base),
+        # logprobs=0 makes zero-size device tensors: every step once reported a false sync
+        "logprobs_0": lambda i: SamplingParams(temperature=0.8, seed=i, logprobs=0 if i % 2
+                                               else None, **base),
         "seeded_top_k_top_p": lambda i: SamplingParams(
             temperature=1.0, seed=100 + i, top_k=20, top_p=0.8, min_p=0.01, **base),
         "max_tokens_1": lambda i: SamplingParams(temperature=0.7, seed=i, max_tokens=1),
@@ -44,7 +47,7 @@ def params_for(scenario: str, n: int) -> list[SamplingParams]:
 
 
 SCENARIOS = ["greedy", "presence", "frequency", "repetition", "mixed_penalties",
-             "min_tokens_stop", "logprobs", "seeded_top_k_top_p", "max_tokens_1",
+             "min_tokens_stop", "logprobs", "logprobs_0", "seeded_top_k_top_p", "max_tokens_1",
              "eos_and_stops"]
 
 
