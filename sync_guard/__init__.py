@@ -87,3 +87,22 @@ def armed(level: str = "disallow", widen_ms: float | None = None) -> Iterator[li
     from .races import race_check
     with Scope(level) as reports, race_check(widen_ms=widen_ms, level=level):
         yield reports
+
+
+def _arm_process_default() -> None:
+    """With ``SYNC_GUARD`` set to ``log`` or ``disallow``, the explicit-sync wrappers must be in
+    place before the first ``torch.cuda.synchronize()``, scope or not (this imports torch; a
+    bad value is reported at the guard's first use instead)."""
+    import os
+    from .levels import ENV_VAR, normalize_level
+    raw = os.environ.get(ENV_VAR, "").strip()
+    try:
+        armed_by_default = bool(raw) and normalize_level(raw, ENV_VAR) != "allow"
+    except ValueError:
+        return
+    if armed_by_default:
+        from .detector import _install_patches
+        _install_patches()
+
+
+_arm_process_default()

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import functools
+import sys
 from typing import Callable
 
 from ._scope import Scope
@@ -31,12 +32,14 @@ def sampled(fn: Callable, every: int = DEFAULT_EVERY, level: str = "disallow") -
         if phase == 0:
             state["races"] = race_check(level=level)
             state["races"].__enter__()
-        races = state["races"]
+        races, failed = state["races"], True
         try:
             with Scope(level):
-                return fn(*args, **kwargs)
+                result = fn(*args, **kwargs)
+            failed = False
+            return result
         finally:
-            if phase == 1 and races is not None:
+            if races is not None and (phase == 1 or failed):  # a failure ends the pair too
                 state["races"] = None
-                races.__exit__(None, None, None)
+                races.__exit__(*(sys.exc_info() if failed else (None, None, None)))
     return wrapper
