@@ -98,9 +98,6 @@ def selected(options: GateOptions) -> list[Check]:
         checks = [c for c in checks if c.quick]
     if options.only:
         checks = [c for c in checks if c.name in options.only]
-    if options.device == "cuda":  # the GPU's own checks first, the CPU's after, perf last
-        checks.sort(key=lambda c: (0 if c.devices == ("cuda",) and c.name != "perf" else
-                                   2 if c.name == "perf" else 1))
     return checks
 
 
@@ -148,6 +145,7 @@ def run_check(check: Check, options: GateOptions) -> CheckResult:
         return CheckResult(check.name, "fail", time.perf_counter() - start, *classify(exc))
 
 
+# in running order: on cuda the GPU's own checks first, the CPU's after, perf last
 CHECKS: list[Check] = [
     Check("targeted-cuda", check_targeted_cuda, False, True, ("cuda",)),
     Check("property-cuda", check_property_cuda, False, False, ("cuda",)),

@@ -94,7 +94,8 @@ def check_against_baseline(path: Path = BASELINES) -> str:
     data = json.loads(path.read_text()) if path.exists() else {}
     if device not in data:
         raise AssertionError(f"no stored performance baseline for {device!r} in {path.name}; "
-                             f"record one with `lockstep gate --device cuda --record-perf-baseline`")
+                             f"record one with "
+                             f"`lockstep gate --device cuda --record-perf-baseline`")
     current = _medians(measure())
     problems = judge(current, data[device])
     summary = ", ".join(f"{k} {v:.3f} (baseline {data[device][k]['median']:.3f})"

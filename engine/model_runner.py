@@ -45,7 +45,10 @@ class PendingOutput:
     def get_output(self) -> ModelRunnerOutput:
         with sync_guard.allow("collect: the step's sampled ids reach the host"):
             self._copied.synchronize()
-        tokens = self._host[0].tolist()
+        return self._assemble(self._host[0].tolist())
+
+    def _assemble(self, tokens: list[int]) -> ModelRunnerOutput:
+        """Per row: the sampled id (None for a partial prefill) and its logprobs entry."""
         rows = self.sched.rows
         sampled = [t if row.samples else None for t, row in zip(tokens, rows)]
         logprobs: list[dict[int, float] | None] = [None] * len(tokens)

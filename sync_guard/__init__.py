@@ -36,7 +36,8 @@ _LAZY = {"Scope": "_scope", "SyncViolation": "_scope", "GuardError": "_scope",
          "race_check": "races", "light": "_light", "sampled": "_sampled"}
 
 
-from .levels import LEVELS  # noqa: E402  (torch-free: allow, log, disallow; aliases off, warn, error)
+# torch-free: allow, log, disallow (aliases off, warn, error)
+from .levels import LEVELS  # noqa: E402
 
 
 def __getattr__(name: str) -> Any:

@@ -127,12 +127,29 @@ def test_the_reuse_and_abort_workloads_reuse_and_abort_live_requests():
     assert len(aborted.runs["async sim/lazy"].aborted) >= 4
 
 
-def test_the_mixed_batch_chunks_a_prefill_and_the_slot_workload_reuses_slots():
-    mixed = targeted.mixed_batch()
-    assert max(len(r.prompt) for r in mixed.requests) > mixed.engine.max_num_batched_tokens
-    slots = targeted.slot_reuse()
-    assert len(slots.requests) > slots.engine.max_num_seqs
-    assert sum(r.params.has_penalties for r in slots.requests) >= 2
+def test_the_mixed_batch_chunks_a_prefill_and_the_slot_workload_reuses_slots(monkeypatch):
+    from lockstep.engine.input_batch import InputBatch
+    from lockstep.engine.scheduler import Scheduler
+    partial, owners = [], {}
+    schedule_row, slot_for = Scheduler._schedule_row, InputBatch._slot_for
+
+    def recording_row(self, req, num_new, is_new):
+        row = schedule_row(self, req, num_new, is_new)
+        if not row.samples:
+            partial.append(req.request_id)
+        return row
+
+    def recording_slot(self, rid):
+        slot = slot_for(self, rid)
+        owners.setdefault(slot, set()).add(rid)
+        return slot
+    monkeypatch.setattr(Scheduler, "_schedule_row", recording_row)
+    monkeypatch.setattr(InputBatch, "_slot_for", recording_slot)
+    run_differential(targeted.mixed_batch(), LAZY)
+    assert "chunked" in partial, partial    # its 23-token prefill took more than one step
+    owners.clear()
+    run_differential(targeted.slot_reuse(), LAZY)
+    assert any(len(rids) > 1 for rids in owners.values()), owners
 
 
 def test_model_applies_to_the_checks_that_take_one(hf_checkpoint, capsys):

@@ -5,7 +5,7 @@ import sync_guard
 from lockstep.engine import model_runner
 from lockstep.engine.device import HostBuffer
 from lockstep.engine.input_batch import InputBatch
-from lockstep.engine.model_runner import ModelRunnerOutput, PendingOutput
+from lockstep.engine.model_runner import PendingOutput
 
 from .registry import injection
 from .witness import LAZY, SKEWED, Witness
@@ -104,19 +104,7 @@ def _get_output_reading_first(self):
     tokens = self._host[0].tolist()  # BUG: read before the copy is known complete
     with sync_guard.allow("collect: the step's sampled ids reach the host"):
         self._copied.synchronize()
-    rows = self.sched.rows
-    sampled = [t if row.samples else None for t, row in zip(tokens, rows)]
-    logprobs: list = [None] * len(tokens)
-    if len(self._host) > 1:
-        sampled_lp, top_lp, top_ids = (t.tolist() for t in self._host[1:])
-        for i, row in enumerate(rows):
-            n = row.request.sampling_params.logprobs
-            if n is None or not row.samples:
-                continue
-            entry = dict(zip(top_ids[i][:n], top_lp[i][:n]))
-            entry[tokens[i]] = sampled_lp[i]
-            logprobs[i] = entry
-    return ModelRunnerOutput(sampled, logprobs)
+    return self._assemble(tokens)
 
 
 @injection("staging", ("vllm-project/vllm#36013 (pinned D2H destination read before its "

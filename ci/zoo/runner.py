@@ -85,7 +85,7 @@ def run_zoo(options: ZooOptions) -> int:
         return 0
     print(f"lockstep zoo: {len(names)} injections + the clean engine, device={options.device}, "
           f"{options.jobs} at a time, checks: {','.join(options.checks) or 'the whole gate'}")
-    print(f"| injection | class | caught by | seconds to catch |\n|---|---|---|---|")
+    print("| injection | class | caught by | seconds to catch |\n|---|---|---|---|")
     folder = Path(tempfile.mkdtemp(prefix="lockstep-zoo-"))
     start, results = time.perf_counter(), []
     with ThreadPoolExecutor(max_workers=max(1, options.jobs)) as pool:
@@ -115,7 +115,8 @@ def run_zoo(options: ZooOptions) -> int:
 def _row(r: dict) -> str:
     if r["name"] == "clean":
         status = f"FAILED {r['caught_by']}" if "caught_by" in r else "passed every check"
-        return f"| (clean engine) | - | {status} | {r.get('gate_s', float('nan')):.1f} (whole gate) |"
+        seconds = r.get("gate_s", float("nan"))
+        return f"| (clean engine) | - | {status} | {seconds:.1f} (whole gate) |"
     why = verdict(r)
     cls = CLASSES.get(r.get("class", ""), "?")
     caught = r.get("caught_by") or f"**{why}**"

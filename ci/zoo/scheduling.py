@@ -1,10 +1,8 @@
 """Output collection, placeholder accounting, budgets, stops and aborts (scheduler and core)."""
 from __future__ import annotations
 
-from sync_guard import GuardError
-
 from lockstep.engine.core import EngineCore
-from lockstep.engine.request import Request, RequestOutput, RequestStatus
+from lockstep.engine.request import Request, RequestStatus
 from lockstep.engine.scheduler import Scheduler
 
 from .registry import injection
@@ -13,17 +11,12 @@ from .witness import LAZY, SYNC, Witness
 _real_preempt = Scheduler._preempt
 
 
+_real_collect = EngineCore._collect
+
+
 def _collect_newest(self):
-    step, sched, pending = self._in_flight.pop()  # BUG: popleft() is the oldest step
-    with self.timeline.host("collect", step):
-        try:
-            result = pending.get_output()
-        except GuardError:
-            raise
-        except Exception as exc:
-            return self._fail(sched, exc)
-        changed = self.scheduler.update_from_output(sched, result.sampled, result.logprobs)
-        return [RequestOutput.of(r) for r in changed]
+    self._in_flight.rotate(1)  # BUG: the newest step comes first, and popleft() takes it
+    return _real_collect(self)
 
 
 @injection("collect", ("sgl-project/sglang#5788 (launch_done could be assigned to the wrong "
@@ -115,46 +108,33 @@ def schedule_past_max_tokens(patch) -> None:
     patch.setattr(Scheduler, "_tokens_to_schedule", _tokens_to_schedule_off_by_one)
 
 
+_real_schedule = Scheduler.schedule
+
+
 def _schedule_admitting_after_preemption(self):
-    from lockstep.engine.scheduler import SchedulerOutput
-    budget = self.config.max_num_batched_tokens
-    rows = []
-    i = 0
-    while i < len(self.running) and budget > 0:
-        req = self.running[i]
-        num_new = min(self._tokens_to_schedule(req), budget)
-        if num_new <= 0:
-            i += 1
-            continue
-        while not self.kv.can_allocate(req.request_id, req.num_computed_tokens + num_new):
-            victim = self.running[-1]
-            self._preempt(victim)
-            if victim is req:
-                break
-        if req.status is not RequestStatus.RUNNING:
-            break
-        rows.append(self._schedule_row(req, num_new, is_new=False))
-        budget -= num_new
-        i += 1
-    # BUG: admits waiting requests even when this step preempted
+    before = self.num_preemptions
+    out = _real_schedule(self)
+    if self.num_preemptions == before:
+        return out
+    budget = self.config.max_num_batched_tokens - out.num_tokens
+    # BUG: the admission loop the real schedule skips after a preemption, run anyway
     while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
         req = self.waiting[0]
-        if req.num_placeholders:
-            break
         num_new = min(req.num_tokens - req.num_computed_tokens, budget)
-        if not self.kv.can_allocate(req.request_id, req.num_computed_tokens + num_new):
+        if req.num_placeholders or not self.kv.can_allocate(
+                req.request_id, req.num_computed_tokens + num_new):
             break
         self.waiting.popleft()
         req.status = RequestStatus.RUNNING
         self.running.append(req)
-        rows.append(self._schedule_row(req, num_new, is_new=True))
+        out.rows.append(self._schedule_row(req, num_new, is_new=True))
         budget -= num_new
-    freed, self._freed = self._freed, []
-    return SchedulerOutput(rows, freed)
+    return out
 
 
 @injection("placeholders", ("vllm-project/vllm V1 scheduler (no new requests in a step that "
-                            "preempted)",), Witness("tight_cache", LAZY, ("wasted work", "outputs")))
+                            "preempted)",),
+           Witness("tight_cache", LAZY, ("wasted work", "outputs")))
 def admit_in_a_preempting_step(patch) -> None:
     """Scheduler.schedule admits waiting requests in a step that preempted.
 
@@ -165,18 +145,23 @@ def admit_in_a_preempting_step(patch) -> None:
     patch.setattr(Scheduler, "schedule", _schedule_admitting_after_preemption)
 
 
-def _update(self, out, sampled, logprobs, skip) -> list:
+def _update(self, out, sampled, logprobs, skip, lookup=lambda self, row: row.request,
+            check: bool = True) -> list:
+    """Scheduler.update_from_output with the skip rule, the row's request lookup and the
+    placeholder check as parameters (the injections change one of them)."""
     changed = []
     for row, token, lp in zip(out.rows, sampled, logprobs):
         if not row.samples:
             continue
-        req = row.request
+        req = lookup(self, row)
+        if req is None:
+            continue
         req.num_placeholders -= 1
-        assert req.num_placeholders >= 0, f"{req.request_id}: negative placeholders"
+        assert not check or req.num_placeholders >= 0, f"{req.request_id}: negative placeholders"
         if skip(req) or token is None:
             continue
         req.output_token_ids.append(token)
-        if req.logprobs is not None:
+        if req.logprobs is not None and lp is not None:
             req.logprobs.append(lp)
         reason = req.stop_reason_for(token)
         if reason is not None:
@@ -215,24 +200,11 @@ def token_after_abort(patch) -> None:
 
 
 def _update_by_id(self, out, sampled, logprobs):
-    changed = []
-    for row, token, lp in zip(out.rows, sampled, logprobs):
-        if not row.samples:
-            continue
-        req = self.requests.get(row.request.request_id)  # BUG: the row's own request
-        if req is None:
-            continue
-        req.num_placeholders -= 1
-        if req.is_finished or token is None:
-            continue
-        req.output_token_ids.append(token)
-        if req.logprobs is not None and lp is not None:
-            req.logprobs.append(lp)
-        reason = req.stop_reason_for(token)
-        if reason is not None:
-            self.finish(req, reason)
-        changed.append(req)
-    return changed
+    # BUG: the request is looked up by id (None once it ended), not the row's own; without the
+    # engine's placeholder assertion the bug shows as wrong tokens
+    return _update(self, out, sampled, logprobs, lambda r: r.is_finished,
+                   lookup=lambda self, row: self.requests.get(row.request.request_id),
+                   check=False)
 
 
 @injection("lifecycle", ("vllm-project/vllm#42523 (an in-flight batch's output applied to a "
@@ -268,19 +240,27 @@ def preemption_frees_blocks_it_keeps(patch) -> None:
     patch.setattr(Scheduler, "_preempt", _preempt_keeping_the_table)
 
 
-def _finish_keeping_blocks_in_flight(self, req, reason):
+def _finish(self, req, reason, frees_blocks: bool, frees_slot: bool) -> None:
+    """Scheduler.finish, with freeing the blocks and the slot as parameters."""
     if req.is_finished:
         return
     if req.status is RequestStatus.RUNNING:
         self.running.remove(req)
     else:
         self.waiting.remove(req)
-    if not (reason == "abort" and req.num_placeholders):  # BUG: "freed once collected" - never
+    if frees_blocks:
         self.kv.free(req.request_id)
-    self._freed.append(req.request_id)
+    if frees_slot:
+        self._freed.append(req.request_id)
     req.status = RequestStatus.FINISHED
     req.finish_reason = reason
     del self.requests[req.request_id]
+
+
+def _finish_keeping_blocks_in_flight(self, req, reason):
+    # BUG: "freed once the in-flight step is collected" - and then never
+    _finish(self, req, reason, frees_blocks=not (reason == "abort" and req.num_placeholders),
+            frees_slot=True)
 
 
 @injection("lifecycle", ("vllm-project/vllm#45357 (block freeing deferred until in-flight steps "
@@ -295,18 +275,8 @@ def abort_in_flight_leaks_blocks(patch) -> None:
 
 
 def _finish_keeping_slot(self, req, reason):
-    if req.is_finished:
-        return
-    if req.status is RequestStatus.RUNNING:
-        self.running.remove(req)
-    else:
-        self.waiting.remove(req)
-    self.kv.free(req.request_id)
-    if reason != "length":  # BUG: the slot of a request that ran to max_tokens is never freed
-        self._freed.append(req.request_id)
-    req.status = RequestStatus.FINISHED
-    req.finish_reason = reason
-    del self.requests[req.request_id]
+    # BUG: the slot of a request that ran to max_tokens is never freed
+    _finish(self, req, reason, frees_blocks=True, frees_slot=reason != "length")
 
 
 @injection("lifecycle", ("vllm-project/vllm#23770 (finished requests not processed in one "

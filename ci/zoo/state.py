@@ -11,7 +11,8 @@ from lockstep.engine.sampler import sample
 from .registry import injection
 from .witness import LAZY, SYNC, Witness
 
-PENALTIES_ASYNC = "vllm-project/vllm#26467 (penalties under async scheduling: output ids lag by one)"
+PENALTIES_ASYNC = ("vllm-project/vllm#26467 (penalties under async scheduling: output ids lag "
+                   "by one)")
 _real_penalty_arrays = InputBatch._penalty_arrays
 _real_sampling_arrays = InputBatch._sampling_arrays
 
@@ -210,15 +211,16 @@ def resume_skips_the_prompt(patch) -> None:
     patch.setattr(Scheduler, "_preempt", _preempt_keeping_prompt)
 
 
+_real_known_tokens = input_batch._known_tokens
+
+
 def _known_tokens_newest(req, start, n):
-    n = min(n, req.num_tokens - start)
-    p = req.num_prompt_tokens
-    if start >= p:
-        return req.output_token_ids[start - p:start - p + n]
-    if start + n <= p:
-        return req.prompt_token_ids[start:start + n]
-    k = start + n - p  # BUG: the chunk ends inside the outputs; it takes the newest k of them
-    return req.prompt_token_ids[start:] + req.output_token_ids[len(req.output_token_ids) - k:]
+    p, end = req.num_prompt_tokens, start + min(n, req.num_tokens - start)
+    if not start < p < end:
+        return _real_known_tokens(req, start, n)
+    # BUG: the chunk ends inside the outputs; it takes the newest ones, not the first
+    outputs = req.output_token_ids
+    return req.prompt_token_ids[start:] + outputs[len(outputs) - (end - p):]
 
 
 @injection("preemption", ("vllm-project/vllm#29071 (chunked prefill and preemption)",

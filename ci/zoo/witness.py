@@ -1,14 +1,14 @@
 """Demonstrations: an injection must change what the engine does, or it is no bug at all.
 
 A :class:`Witness` names one workload and one mode. :func:`demonstrate` runs it on the bare
-engine (no harness invariants, no comparison between modes) once before the injection is
-applied and once after, and reports how the faulty run departs from the clean one: different
-outputs (ids, finish reasons, logprobs), a crash or a request that ended in "error", a hang
-(the step bound passed, or blocked
-inside a step until the caller's watchdog interrupted it), KV blocks or slots kept by finished requests, a host sync reported by
-``sync_guard.log()`` around the steps, a buffer race, lost overlap (async sim lazy: a step
-launched after the previous step's device work had already run), or more device steps than
-needed (more steps, or more preemptions) for the same outputs. The zoo keeps no injection whose demonstration shows nothing.
+engine (no harness invariants, no comparison between modes) once before the injection is applied
+and once after, and reports how the faulty run departs from the clean one: different outputs
+(ids, finish reasons, logprobs), a crash or a request that ended in "error", a hang (the step
+bound passed, or blocked inside a step until the caller's watchdog interrupted it), KV blocks or
+slots kept by finished requests, a host sync reported by ``sync_guard.log()`` around the steps,
+a buffer race, lost overlap (async sim lazy: a step launched after the previous step's device
+work had already run), or more device steps than needed (more steps, or more preemptions) for
+the same outputs. The zoo keeps no injection whose demonstration shows nothing.
 """
 from __future__ import annotations
 
