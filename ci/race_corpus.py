@@ -9,6 +9,9 @@ no fence, or a wait on the wrong event, is a race; a correct fence (``event.sync
 in a host wait) is not.
 
 * Verdict: the scenario under ``sync_guard.race_check()``; a race = ``BufferRace`` raised.
+* Always-on verdict: the scenario under ``sync_guard.light()``, which checks at the point of
+  reuse: just before the host access, ``sync_guard.buffer_reused(event)`` with the event
+  recorded after the copy (the last user of the buffer), as the engine's staging buffers do.
 * ``corruption_observed`` (informative, no guard): for H2D, the device received the host's *new*
   value; for D2H, the host read a stale value. Racy scenarios should show it, fenced ones not.
 
@@ -104,8 +107,10 @@ def _scenarios() -> list[RaceScenario]:
 SCENARIOS: list[RaceScenario] = _scenarios()
 
 
-def _h2d(sc: RaceScenario, cycles: int):
-    """Returns (body, observe): body runs the scenario; observe() -> corruption observed."""
+def _h2d(sc: RaceScenario, cycles: int, at_reuse=None):
+    """Returns (body, observe): body runs the scenario; observe() -> corruption observed.
+    ``at_reuse(event)`` runs just before the host access, with the event recorded after the
+    copy (the always-on mode's reuse-point check)."""
     buf = torch.full((N,), OLD, pin_memory=True)
     dev = torch.zeros(N, device="cuda")
     torch.cuda.synchronize()
@@ -120,13 +125,15 @@ def _h2d(sc: RaceScenario, cycles: int):
             event = torch.cuda.Event()
             event.record(stream)
         FENCES[sc.fence][0](stream, event, before)
+        if at_reuse is not None:
+            at_reuse(event)
         WRITES[sc.access](buf)
         event.synchronize()  # the host observes completion: numpy writes are found here
 
     return body, lambda: dev[AT].item() == NEW
 
 
-def _d2h(sc: RaceScenario, cycles: int):
+def _d2h(sc: RaceScenario, cycles: int, at_reuse=None):
     out = torch.zeros(N, pin_memory=True)
     dev = torch.zeros(N, device="cuda")
     torch.cuda.synchronize()
@@ -151,17 +158,30 @@ def _d2h(sc: RaceScenario, cycles: int):
             event = torch.cuda.Event()
             event.record(stream)
         FENCES[sc.fence][0](stream, event, before)
+        if at_reuse is not None:
+            at_reuse(event)
         seen.append(read(out))
         event.synchronize()
 
     return body, lambda: seen[-1] != fresh
 
 
+def _verdict(body, guard) -> tuple[bool, str | None]:
+    """Whether ``body`` under ``guard()`` raised a BufferRace, and its first line."""
+    import sync_guard
+    try:
+        with guard():
+            body()
+        return False, None
+    except sync_guard.BufferRace as race:
+        return True, str(race).splitlines()[0]
+
+
 def run_scenario(sc: RaceScenario, cycles: int) -> dict:
     import sync_guard
     row = {"name": sc.name, "direction": sc.direction, "access": sc.access, "fence": sc.fence,
            "stream": sc.stream, "racy": sc.racy, "must_detect": sc.must_detect, "note": sc.note,
-           "detected": None, "report": None, "corruption_observed": None, "error": None}
+           "detected": None, "report": None, "light": None, "light_report": None, "corruption_observed": None, "error": None}
     setup = _h2d if sc.direction == "h2d" else _d2h
     try:
         body, observe = setup(sc, cycles)  # the effect, with no checker armed
@@ -169,12 +189,11 @@ def run_scenario(sc: RaceScenario, cycles: int) -> dict:
         torch.cuda.synchronize()
         row["corruption_observed"] = observe()
         body, _ = setup(sc, cycles)
-        try:
-            with sync_guard.race_check():
-                body()
-            row["detected"] = False
-        except sync_guard.BufferRace as race:
-            row["detected"], row["report"] = True, str(race).splitlines()[0]
+        row["detected"], row["report"] = _verdict(body, sync_guard.race_check)
+        torch.cuda.synchronize()
+        body, _ = setup(sc, cycles, lambda event: sync_guard.buffer_reused(
+            event, "the scenario's pinned buffer"))
+        row["light"], row["light_report"] = _verdict(body, sync_guard.light)
     except Exception as exc:  # noqa: BLE001 - a crash is a finding, not an abort
         row["error"] = repr(exc)
     torch.cuda.synchronize()
@@ -193,7 +212,11 @@ def summarize_races(rows: list[dict]) -> dict:
                                     if r["racy"] and r["corruption_observed"] is False],
         "fenced_with_corruption": [r["name"] for r in rows
                                    if not r["racy"] and r["corruption_observed"]],
-        "ok": bool(scored) and len(correct) == len(scored),
+        "light_correct": sum(r["error"] is None and r["light"] == r["racy"] for r in scored),
+        "light_mismatches": [r["name"] for r in scored
+                             if r["error"] is None and r["light"] != r["racy"]],
+        "ok": bool(scored) and len(correct) == len(scored) and all(
+            r["error"] is None and r["light"] == r["racy"] for r in scored),  # both modes
     }
 
 
@@ -207,17 +230,19 @@ def run_race_corpus(widen_ms: float = 20.0, names: list[str] | None = None) -> d
 
 def print_race_report(result: dict) -> None:
     print(f"\nrace corpus on {result['device']}, copies delayed {result['widen_ms']} ms")
-    print(f"{'scenario':36} {'truth':6} {'guard':6} {'corrupted':9} report")
+    print(f"{'scenario':36} {'truth':6} {'guard':6} {'light':6} {'corrupted':9} report")
     for r in result["scenarios"]:
         mark = "" if not r["must_detect"] and r["racy"] else (
             " !!" if r["detected"] != r["racy"] else "")
         mark += " (informative)" if not r["must_detect"] and r["racy"] else ""
         text = f"ERROR {r['error']}" if r["error"] else (r["report"] or "")
         verdict = {True: "race", False: "-", None: "?"}[r["detected"]]
-        print(f"{r['name']:36} {'race' if r['racy'] else 'clean':6} {verdict:6} "
+        light = {True: "race", False: "-", None: "?"}[r["light"]]
+        print(f"{r['name']:36} {'race' if r['racy'] else 'clean':6} {verdict:6} {light:6} "
               f"{str(r['corruption_observed']):9} {text[:90]}{mark}")
     s = result["summary"]
-    print(f"race accuracy: {s['correct']}/{s['scored']}")
+    print(f"race accuracy: {s['correct']}/{s['scored']}; always-on (light, at the reuse point): "
+          f"{s['light_correct']}/{s['scored']}, mismatches {s['light_mismatches']}")
     print(f"race mismatches: {s['mismatches']}; informative (not scored): {s['informative']}")
     print(f"racy but no corruption seen: {s['racy_without_corruption']}; "
           f"fenced but corrupted: {s['fenced_with_corruption']}")

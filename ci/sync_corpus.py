@@ -374,7 +374,8 @@ def summarize(rows: list[dict]) -> dict:
                                if r["oracle"] is True and r["torch_debug"] is False],
         "torch_debug_false_positives": [r["name"] for r in ran
                                         if r["oracle"] is False and r["torch_debug"] is True],
-        "ok": bool(scored) and len(correct) == len(scored),
+        "ok": bool(scored) and len(correct) == len(scored) and all(
+            r["error"] is None and r["light"] == r["oracle"] for r in scored),  # both modes
     }
 
 

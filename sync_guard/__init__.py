@@ -5,11 +5,13 @@
   :class:`SyncViolation`, inside ``log`` it is logged and recorded; ``allow`` names a sync that
   is expected. The level outside any scope comes from the ``SYNC_GUARD`` environment variable.
 * ``light()``: the always-on mode (torch's own C++ check routed per thread, cheap wrappers,
-  staging-buffer reuse checked at the reuse); ``sampled(step, every=16)``: the deep mode on one
+  staging-buffer reuse checked at the reuse: ``buffer_reused(event, what)``, which the engine's
+  staging buffers call and one's own can); ``sampled(step, every=16)``: the deep mode on one
   step in N.
 * ``race_check()``: a host write to a buffer that a pending device copy still reads, or a host
   read of a copy's destination before it is known complete, raises :class:`BufferRace`.
-* The ``nosync`` pytest plugin (``sync_guard.pytest_plugin``) arms both around engine steps.
+* The ``nosync`` pytest plugin (``sync_guard.pytest_plugin``) arms both around a test's body
+  (or the function it names).
 
 Every report names the operation, the thread and the user's frames.
 """
@@ -21,11 +23,12 @@ from typing import TYPE_CHECKING, Any, Iterator
 
 if TYPE_CHECKING:
     from ._scope import GuardError, Scope, SyncReport, SyncViolation, default_level
-    from ._light import light
+    from ._light import buffer_reused, light
     from ._sampled import sampled
     from .races import BufferRace, race_check
 
-__all__ = ["disallow", "log", "allow", "light", "sampled", "race_check", "armed", "as_device",
+__all__ = ["disallow", "log", "allow", "light", "sampled", "buffer_reused", "race_check", "armed",
+           "as_device",
            "Scope", "SyncViolation", "BufferRace", "GuardError", "SyncReport", "default_level",
            "LEVELS"]
 
@@ -33,7 +36,7 @@ __all__ = ["disallow", "log", "allow", "light", "sampled", "race_check", "armed"
 # lives in this package and must cost nothing in a test run that never guards anything.
 _LAZY = {"Scope": "_scope", "SyncViolation": "_scope", "GuardError": "_scope",
          "SyncReport": "_scope", "default_level": "_scope", "BufferRace": "races",
-         "race_check": "races", "light": "_light", "sampled": "_sampled"}
+         "race_check": "races", "light": "_light", "buffer_reused": "_light", "sampled": "_sampled"}
 
 
 # torch-free: allow, log, disallow (aliases off, warn, error)

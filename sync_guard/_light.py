@@ -131,7 +131,15 @@ def light_armed() -> bool:
 
 
 def buffer_reused(event: Any, what: str) -> None:
-    """The host is about to rewrite a staging buffer whose last copy is ``event``."""
+    """The host is about to rewrite (or read) a staging buffer whose last copy is ``event``:
+    inside ``light()``, a copy not yet complete is a :class:`~sync_guard.BufferRace`. The
+    engine's staging buffers call it; so can one's own, at the point where they are reused::
+
+        dev.copy_(staging, non_blocking=True); copied.record()
+        ...
+        sync_guard.buffer_reused(copied, "my staging buffer")   # the fence must be before this
+        staging.fill_(next_batch)
+    """
     if event is None or not light_armed() or hooks.in_device_work():
         return
     if not event.query():

@@ -1,8 +1,9 @@
 """The sync detector: which operations make the host wait for the device.
 
 Three layers, all judged per calling context by :func:`_scope.check_sync`:
-* implicit syncs, seen as aten ops by a ``TorchDispatchMode`` that is pushed only on threads
-  with an active scope (a mode is thread-local, so unguarded threads pay nothing);
+* implicit syncs, seen as aten ops by the guard's dispatch mode (:mod:`sync_guard._mode`),
+  pushed only on threads with an active scope (a mode is thread-local, so unguarded threads pay
+  nothing);
 * explicit syncs: ``torch.cuda.synchronize``, ``Stream/Event.synchronize``, ``empty_cache``,
   wrapped once; a wrapper costs one context-variable read when no scope is active; the same
   wrappers catch printing a device tensor, which hides from dispatch modes;
@@ -15,12 +16,11 @@ in one thread would judge every other thread's legitimate waits too.
 from __future__ import annotations
 
 import functools
+import sys
 import threading
 
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
-
-from . import _scope, hooks
+from . import _mode, _scope, hooks
 
 aten = torch.ops.aten
 _BOOL_INDEX = (torch.bool, torch.uint8)
@@ -115,20 +115,16 @@ def classify(func, args, kwargs) -> str | None:
     return None if rule is None else rule(args, kwargs)
 
 
-class _SyncMode(TorchDispatchMode):
-    sync_guard_mode = True  # lifted during device work (hooks.device_work)
+def before_op(func, args, kwargs) -> bool:
+    """Judge the op's sync (the shared dispatch mode calls this); True: look at its result."""
+    op = classify(func, args, kwargs)
+    if op is not None:
+        _scope.check_sync(op)
+    return True if hooks.has_sim_memory() and not func._schema.is_mutable else None
 
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        if hooks.in_device_work():  # the device's own work: no host sync, results stay inside
-            return func(*args, **kwargs)
-        op = classify(func, args, kwargs)
-        if op is not None:
-            _scope.check_sync(op)
-        out = func(*args, **kwargs)
-        if hooks.has_sim_memory() and not func._schema.is_mutable:
-            _propagate_sim_memory(args, out)
-        return out
+
+def after_op(state, func, args, out) -> None:
+    _propagate_sim_memory(args, out)
 
 
 def _propagate_sim_memory(args, out) -> None:
@@ -141,17 +137,14 @@ def _propagate_sim_memory(args, out) -> None:
             hooks.register_device_memory(t)
 
 
-_thread_mode = hooks.ThreadMode(_SyncMode)
-
-
 def arm_thread() -> None:
-    """Push the dispatch mode on this thread when its first scope opens."""
+    """Judge this thread's ops (the shared dispatch mode) while a scope is open on it."""
     _install_patches()
-    _thread_mode.arm()
+    _mode.arm(sys.modules[__name__])
 
 
 def disarm_thread() -> None:
-    _thread_mode.disarm()
+    _mode.disarm(sys.modules[__name__])
 
 
 def _explicit(name: str, original):

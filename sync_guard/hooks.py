@@ -9,11 +9,10 @@ sync detector. Every call costs one context-variable read when the guard is off.
 from __future__ import annotations
 
 import functools
-import threading
 import weakref
 from contextlib import contextmanager
 from contextvars import ContextVar
-from typing import Any, Callable, Iterator
+from typing import Any, Iterator
 
 import torch
 from torch.utils import _python_dispatch
@@ -109,28 +108,3 @@ def on_record(event: Any, stream: Any) -> None:
 def on_wait(stream: Any, event: Any) -> None:
     from . import races
     races.stream_waited(stream, event)
-
-
-class ThreadMode:
-    """A dispatch mode pushed on a thread while at least one scope there needs it.
-
-    Modes are per thread, and pushing one costs every op on that thread a Python call, so it
-    is pushed by the first scope that opens and popped by the last that closes.
-    """
-
-    def __init__(self, make_mode: Callable[[], Any]) -> None:
-        self._make_mode = make_mode
-        self._local = threading.local()
-
-    def arm(self) -> None:
-        count = getattr(self._local, "count", 0)
-        if count == 0:
-            self._local.mode = self._make_mode()
-            self._local.mode.__enter__()
-        self._local.count = count + 1
-
-    def disarm(self) -> None:
-        self._local.count -= 1
-        if self._local.count == 0:
-            self._local.mode.__exit__(None, None, None)
-            del self._local.mode

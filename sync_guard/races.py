@@ -16,6 +16,7 @@ from __future__ import annotations
 import ctypes
 import functools
 import hashlib
+import sys
 import threading
 import traceback
 from collections.abc import Callable, Hashable
@@ -24,9 +25,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
-
-from . import _scope, hooks
+from . import _mode, _scope, hooks
 
 __all__ = ["race_check", "BufferRace", "copy_enqueued", "event_recorded", "stream_waited",
            "host_waited"]
@@ -285,30 +284,31 @@ def _calibrate() -> float:
     return _cycles_per_ms
 
 
-class _RaceMode(TorchDispatchMode):
-    sync_guard_mode = True  # lifted during device work (hooks.device_work)
+def before_op(func, args, kwargs):
+    """Judge the op's host accesses (the shared dispatch mode calls this); for a tracked copy,
+    what ``after_op`` needs to enqueue it."""
+    armed = _active()
+    if armed is None:
+        return None
+    direction = _cuda_direction(func, args, kwargs)
+    if direction is not None:
+        if armed.widen_ms:  # delay the copy: a latent race then corrupts data for sure
+            torch.cuda._sleep(int(armed.widen_ms * _calibrate()))
+        return armed, direction
+    if armed.hb.pending and _touches_host(args, kwargs) and (
+            func.overloadpacket not in _METADATA_ONLY):
+        _check_args(armed.hb, func, args, kwargs)
+    return None
 
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        armed = _active()
-        if armed is None:
-            return func(*args, **kwargs)
-        direction = _cuda_direction(func, args, kwargs)
-        if direction is not None:
-            if armed.widen_ms:  # delay the copy: a latent race then corrupts data for sure
-                torch.cuda._sleep(int(armed.widen_ms * _calibrate()))
-            out = func(*args, **kwargs)
-            if func is aten.copy_.default:
-                host = args[1] if direction == H2D else args[0]
-            else:
-                host = args[0] if direction == H2D else out
-            if host.is_pinned():  # pageable memory makes the copy synchronous for the host side
-                armed.hb.enqueue(direction, host, torch.cuda.current_stream())
-            return out
-        if armed.hb.pending and _touches_host(args, kwargs) and (
-                func.overloadpacket not in _METADATA_ONLY):
-            _check_args(armed.hb, func, args, kwargs)
-        return func(*args, **kwargs)
+
+def after_op(state, func, args, out) -> None:
+    armed, direction = state
+    if func is aten.copy_.default:
+        host = args[1] if direction == H2D else args[0]
+    else:
+        host = args[0] if direction == H2D else out
+    if host.is_pinned():  # pageable memory makes the copy synchronous for the host side
+        armed.hb.enqueue(direction, host, torch.cuda.current_stream())
 
 
 def _touches_host(args, kwargs) -> bool:
@@ -329,9 +329,6 @@ def _check_args(hb: _HB, func, args, kwargs) -> None:
         for t in value if isinstance(value, (list, tuple)) else (value,):
             if isinstance(t, torch.Tensor) and t.device.type == "cpu":
                 hb.access(t, alias is not None, str(func))
-
-
-_thread_mode = hooks.ThreadMode(_RaceMode)
 
 
 def _host_read(name: str, original: Callable) -> Callable:
@@ -428,11 +425,11 @@ class race_check:
         widen_ms = outer.widen_ms if shared and self.widen_ms is None else self.widen_ms
         hb = outer.hb if shared else _HB(logged=self.races if self._log else None)
         self._tokens.append(_armed.set(_Armed(hb, widen_ms, thread)))
-        _thread_mode.arm()
+        _mode.arm(sys.modules[__name__])
         return self.races
 
     def __exit__(self, exc_type, *exc) -> None:
-        _thread_mode.disarm()
+        _mode.disarm(sys.modules[__name__])
         armed = _armed.get()
         _armed.reset(self._tokens.pop())
         outer = _armed.get()

@@ -106,3 +106,33 @@ def test_sampled_sees_a_race_across_the_two_guarded_steps(monkeypatch):
     monkeypatch.setattr(EngineCore, "step", sync_guard.sampled(EngineCore.step, every=4))
     with pytest.raises(sync_guard.BufferRace):
         generate("lazy")
+
+
+def test_the_detector_and_the_race_checker_share_one_dispatch_mode():
+    """Each pushed Python dispatch mode costs every op a Python call: the deep mode pushes one
+    for both checkers, and pops it when the last of them closes."""
+    from torch.utils._python_dispatch import _get_current_dispatch_mode_stack as stack
+    x = sync_guard.as_device(torch.ones(3))
+    with sync_guard.race_check():
+        with sync_guard.disallow():
+            assert len(stack()) == 1
+            with pytest.raises(sync_guard.SyncViolation, match="Tensor.item"):
+                (x + 1).max().item()
+        assert len(stack()) == 1  # the race checker still judges this thread's ops
+        host = torch.zeros(3)
+        assert float(host.sum()) == 0.0  # no scope: no sync judged
+    assert stack() == []
+
+
+def test_ones_own_staging_buffer_is_checked_at_its_reuse_point():
+    """``sync_guard.buffer_reused`` is public: user code calls it where it rewrites a buffer."""
+    dev = SimDevice("lazy")  # a copy runs only when the host waits: pending until then
+    staging, target = torch.ones(4), dev.zeros(4, dtype=torch.float32)
+    dev.copy_async(target, staging, dev.copy)
+    copied = dev.record(dev.copy)
+    with sync_guard.light(), pytest.raises(sync_guard.BufferRace, match="my staging buffer"):
+        sync_guard.buffer_reused(copied, "my staging buffer")
+    copied.synchronize()  # the fence
+    with sync_guard.light():
+        sync_guard.buffer_reused(copied, "my staging buffer")
+    assert target.tolist() == [1.0] * 4
