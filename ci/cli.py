@@ -52,6 +52,16 @@ def main(argv: list[str] | None = None) -> int:
     guard.add_argument("--batch-sizes", default="1,8")
     guard.add_argument("--shape", default="llama-3.2-1b", choices=["llama-3.2-1b", "tiny"])
     guard.add_argument("--out", default=None, help="write the results as JSON here")
+    soak = sub.add_parser("soak", help="churn many requests with aborts and injected faults; "
+                          "print RSS at 1k and at the end (exit 1 if anything leaked)")
+    soak.add_argument("--requests", type=int, default=10_000)
+    soak.add_argument("--device", default="sim", choices=["cpu", "sim", "cuda"])
+    soak.add_argument("--policy", default="lazy", choices=["eager", "lazy", "threaded", "skewed"])
+    soak.add_argument("--sync", action="store_true", help="sync scheduling (default: async)")
+    soak.add_argument("--abort-rate", type=float, default=0.2)
+    soak.add_argument("--fault-every", type=int, default=200,
+                      help="about one injected fault per this many steps (0: none)")
+    soak.add_argument("--seed", type=int, default=0)
     rep = sub.add_parser("replay", help="re-run a saved failing workload and print the report")
     rep.add_argument("file", help="a workload JSON file written by a failing property")
     rep.add_argument("--device", default="sim", choices=["sim", "cuda"])
@@ -95,6 +105,11 @@ def main(argv: list[str] | None = None) -> int:
                                   only=tuple(n for n in args.only.split(",") if n),
                                   checks=tuple(n for n in args.checks.split(",") if n),
                                   list_only=args.list))
+    if args.command == "soak":
+        from .soak import print_soak, run_soak
+        return print_soak(run_soak(args.requests, args.device, args.policy, not args.sync,
+                                   abort_rate=args.abort_rate, fault_every=args.fault_every,
+                                   seed=args.seed))
     if args.command == "guard-bench":
         from .guard_bench import run_guard_bench
         run_guard_bench(device=args.device, shape=args.shape, out=args.out,

@@ -89,7 +89,7 @@ def _generate_workload(model: str | None, vocab: int) -> Workload:
 
 def _generate(workload: Workload, device: str, policy: str, async_scheduling: bool) -> RunRecord:
     spec = workload.engine
-    llm = LLM(model=spec.model, device=device, sim_policy=policy,
+    llm = LLM(model=spec.model, device=device, sim_policy=policy if device == "sim" else None,
               async_scheduling=async_scheduling, block_size=spec.block_size,
               num_kv_blocks=spec.num_kv_blocks, max_num_batched_tokens=spec.max_num_batched_tokens,
               max_num_seqs=spec.max_num_seqs, dtype="float32" if device == "cuda" else None)

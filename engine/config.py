@@ -25,9 +25,10 @@ class EngineConfig:
     max_model_len: int | None = None
     seed: int = 0
     enforce_eager: bool = False
-    sim_policy: str = "eager"
+    sim_policy: str | None = None  # device="sim" only; None there means "eager"
     kv_cache_memory_fraction: float = 0.5
     cuda_graph_sizes: tuple[int, ...] | None = None
+    timeline_steps: int = 1024  # the step timeline keeps the last this many steps; 0: none
 
     def __post_init__(self) -> None:
         if self.model is not None and not isinstance(self.model, str):
@@ -35,14 +36,24 @@ class EngineConfig:
                              f"got {self.model!r}")
         if self.device not in DEVICES:
             raise ValueError(f"device must be one of {DEVICES}, got {self.device!r}")
-        if self.sim_policy not in SIM_POLICIES:
-            raise ValueError(f"sim_policy must be one of {SIM_POLICIES}, got {self.sim_policy!r}")
+        if self.sim_policy is not None and self.device != "sim":
+            raise ValueError(f"sim_policy={self.sim_policy!r} applies only to device='sim', "
+                             f"not device={self.device!r}")
+        if self.device == "sim":
+            self.sim_policy = self.sim_policy or "eager"
+            if self.sim_policy not in SIM_POLICIES:
+                raise ValueError(f"sim_policy must be one of {SIM_POLICIES}, "
+                                 f"got {self.sim_policy!r}")
         self.dtype = _parse_dtype(self.dtype)
         for name in ("block_size", "max_num_seqs", "max_num_batched_tokens"):
             _positive_int(name, getattr(self, name))
         for name in ("num_kv_blocks", "max_model_len"):
             if getattr(self, name) is not None:
                 _positive_int(name, getattr(self, name))
+        if isinstance(self.timeline_steps, bool) or not isinstance(self.timeline_steps, int) \
+                or not 0 <= self.timeline_steps <= 1_000_000:
+            raise ValueError(f"timeline_steps must be an int in [0, 1000000], "
+                             f"got {self.timeline_steps!r}")
         if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
             raise ValueError(f"seed must be a non-negative int, got {self.seed!r}")
         if self.cuda_graph_sizes is not None:

@@ -2,7 +2,12 @@
 from __future__ import annotations
 
 import logging
+import numbers
+import threading
 from collections import deque
+from collections.abc import Sequence
+from contextlib import contextmanager
+from typing import Iterator
 
 import torch
 
@@ -12,7 +17,7 @@ from .config import EngineConfig
 from .device import Device, make_device
 from .hashing import seed_key
 from .kv_cache import KVCacheManager
-from .model_runner import ModelRunner, PendingOutput, choose_num_kv_blocks
+from .model_runner import ModelRunner, PendingOutput, check_sizes, choose_num_kv_blocks
 from .models.default import default_checkpoint
 from .models.loader import load_checkpoint
 from .models.oracle import OracleModel
@@ -32,6 +37,27 @@ def load_model(config: EngineConfig, device: Device) -> torch.nn.Module:
     return load_checkpoint(path, dtype, device.torch_device)
 
 
+def token_id_list(prompt: object, field: str = "prompt_token_ids") -> list[int]:
+    """``prompt`` (a sequence of ints, or a 1-d integer tensor or array) as a list of ints."""
+    if hasattr(prompt, "ndim") and hasattr(prompt, "tolist"):  # a tensor or an array
+        if prompt.ndim != 1:
+            raise ValueError(f"{field} must be a 1-d sequence of ints, got a {prompt.ndim}-d "
+                             f"{type(prompt).__name__}")
+        prompt = prompt.tolist()
+    if isinstance(prompt, (str, bytes, bytearray)) or not isinstance(prompt, Sequence):
+        raise ValueError(f"{field} must be a sequence of ints, got {prompt!r}")
+    out = []
+    for i, tok in enumerate(prompt):
+        if isinstance(tok, bool) or not isinstance(tok, numbers.Integral):
+            raise ValueError(f"{field}[{i}]={tok!r} is not an int")
+        out.append(int(tok))
+    return out
+
+
+class EngineBrokenError(RuntimeError):
+    """The engine was interrupted where its state could not be kept consistent."""
+
+
 class EngineCore:
     """Runs requests to completion one ``step`` at a time."""
 
@@ -44,9 +70,11 @@ class EngineCore:
         self.eos_token_ids = tuple(model_cfg.eos_token_ids)
         config.resolve_max_model_len(model_cfg.max_position_embeddings)
         num_blocks = config.num_kv_blocks or choose_num_kv_blocks(config, self.model, self.device)
+        check_sizes(config, self.model, self.device, self.vocab_size, num_blocks,
+                    "num_kv_blocks" if config.num_kv_blocks else "max_num_seqs")
         self.kv = KVCacheManager(num_blocks, config.block_size)
         self.scheduler = Scheduler(config, self.kv)
-        self.timeline = Timeline(self.device)
+        self.timeline = Timeline(self.device, config.timeline_steps)
         self.runner = ModelRunner(config, self.model, self.device, num_blocks, self.vocab_size,
                                   self.timeline)
         self.num_steps = 0
@@ -54,18 +82,20 @@ class EngineCore:
         self._pending_outputs: list[RequestOutput] = []
         self._in_flight: deque[tuple[int, SchedulerOutput, PendingOutput]] = deque()
         self._queue_depth = 2 if config.async_scheduling else 1
+        self._owner_lock = threading.Lock()
+        self._owner: tuple[int, str, str] | None = None  # (thread id, call, thread name)
+        self.in_step = False
+        self.broken: str | None = None  # why the engine can no longer be used
 
-    def check_request(self, prompt_token_ids: object, params: object) -> None:
-        """Raise ValueError, naming the field, if this request could never be served."""
+    def check_request(self, prompt_token_ids: object, params: object) -> list[int]:
+        """The prompt as a list of ints; ValueError, naming the field, if this request could
+        never be served."""
         if not isinstance(params, SamplingParams):
             raise ValueError(f"sampling_params must be a SamplingParams, got {params!r}")
-        if isinstance(prompt_token_ids, (str, bytes)) or not hasattr(prompt_token_ids, "__len__"):
-            raise ValueError(f"prompt_token_ids must be a list of ints, got {prompt_token_ids!r}")
+        prompt_token_ids = token_id_list(prompt_token_ids)
         if len(prompt_token_ids) == 0:
             raise ValueError("prompt_token_ids is empty")
         for i, tok in enumerate(prompt_token_ids):
-            if isinstance(tok, bool) or not isinstance(tok, int):
-                raise ValueError(f"prompt_token_ids[{i}]={tok!r} is not an int")
             if not 0 <= tok < self.vocab_size:
                 raise ValueError(f"prompt_token_ids[{i}]={tok} is outside the vocabulary "
                                  f"[0, {self.vocab_size})")
@@ -81,37 +111,93 @@ class EngineCore:
         if need > self.kv.pool.num_blocks:
             raise ValueError(f"request needs {need} KV blocks ({n} prompt + {params.max_tokens} "
                              f"max_tokens) but num_kv_blocks={self.kv.pool.num_blocks}")
+        return prompt_token_ids
 
     def add_request(self, request_id: str, prompt_token_ids: list[int],
                     sampling_params: SamplingParams) -> None:
+        self.ensure_usable()
+        with self.exclusive("EngineCore.add_request"):
+            self._add(request_id, self.check_request(prompt_token_ids, sampling_params),
+                      sampling_params)
+
+    def check_request_id(self, request_id: object) -> None:
         if not isinstance(request_id, str) or not request_id:
             raise ValueError(f"request_id must be a non-empty str, got {request_id!r}")
         if request_id in self.scheduler.requests:
             raise ValueError(f"request_id={request_id!r} is already in use by an unfinished "
                              f"request")
-        self.check_request(prompt_token_ids, sampling_params)
-        params = sampling_params
+
+    def _add(self, request_id: str, prompt: list[int], params: SamplingParams) -> None:
+        """Add a request whose prompt and parameters were checked."""
+        self.check_request_id(request_id)
         if params.seed is not None:
             key = seed_key(params.seed)
         else:  # unseeded: a stream of its own, from the engine seed and the arrival index
             key = seed_key((self.config.seed << 64) | self._num_added, domain=1)
         self._num_added += 1
         self.scheduler.add(Request(
-            request_id, list(prompt_token_ids), params, key, self.eos_token_ids,
+            request_id, prompt, params, key, self.eos_token_ids,
             logprobs=None if params.logprobs is None else []))
 
     def abort_request(self, request_id: str) -> bool:
         """End an unfinished request with finish reason "abort"; False if there is none."""
-        req = self.scheduler.requests.get(request_id)
-        if req is None:
-            return False
-        self.scheduler.finish(req, "abort")
-        self._pending_outputs.append(RequestOutput.of(req))
-        return True
+        self.ensure_usable()
+        with self.exclusive("EngineCore.abort_request"):
+            req = self.scheduler.requests.get(request_id)
+            if req is None:
+                return False
+            self.scheduler.finish(req, "abort")
+            self._pending_outputs.append(RequestOutput.of(req))
+            return True
+
+    def settle(self) -> None:
+        """Collect every step in flight without launching another (their outputs are kept for
+        the next ``step``): after aborts, nothing of them stays on the device."""
+        self.ensure_usable()
+        with self.exclusive("EngineCore.settle"):
+            while self._in_flight:
+                self._pending_outputs += self._collect()
+
+    def take_outputs(self, request_ids: set[str]) -> list[RequestOutput]:
+        """Remove and return the pending outputs of ``request_ids`` (the others stay)."""
+        taken = [o for o in self._pending_outputs if o.request_id in request_ids]
+        self._pending_outputs = [o for o in self._pending_outputs
+                                 if o.request_id not in request_ids]
+        return taken
+
+    def put_back(self, outputs: list[RequestOutput]) -> None:
+        """Outputs taken by a caller that does not own them: the next ``step`` returns them."""
+        self._pending_outputs = outputs + self._pending_outputs
 
     def has_unfinished_requests(self) -> bool:
         return (self.scheduler.has_unfinished() or bool(self._pending_outputs)
                 or bool(self._in_flight))
+
+    @contextmanager
+    def exclusive(self, what: str) -> Iterator[None]:
+        """One caller at a time: a second thread entering while another is inside gets a
+        RuntimeError at once (the engine's state is not thread-safe); the owner may nest."""
+        me = threading.get_ident()
+        with self._owner_lock:
+            owner = self._owner
+            if owner is not None and owner[0] != me:
+                raise RuntimeError(
+                    f"{what} called from thread {threading.current_thread().name!r} while "
+                    f"{owner[1]} is running in thread {owner[2]!r}: one engine serves one "
+                    f"caller at a time (use one LLM per thread, or serialise the calls)")
+            if owner is None:
+                self._owner = (me, what, threading.current_thread().name)
+        try:
+            yield
+        finally:
+            if owner is None:
+                self._owner = None
+
+    def ensure_usable(self) -> None:
+        if self.broken is not None:
+            raise EngineBrokenError(
+                f"the engine is unusable: {self.broken}; its requests, KV blocks and device "
+                f"state are in an unknown state. Make a new LLM")
 
     def step(self) -> list[RequestOutput]:
         """Advance the engine; returns outputs of requests that changed.
@@ -119,7 +205,28 @@ class EngineCore:
         Sync mode (queue depth 1): schedule, launch, wait for the tokens, update. Async mode
         (depth 2): schedule and launch step N+1 *before* collecting step N, so the host's
         scheduling and input preparation overlap the device's work.
+
+        A failure inside a phase (schedule, launch, device work, collect) ends the requests it
+        touched with finish reason "error" (the cause in ``RequestOutput.error``) and returns
+        their blocks, slots and placeholders; the engine goes on serving the rest. An interrupt
+        (KeyboardInterrupt, or any BaseException) reaches the caller; if it struck where no
+        phase could clean up, the engine is marked broken and every later call raises
+        :class:`EngineBrokenError`.
         """
+        self.ensure_usable()
+        with self.exclusive("EngineCore.step"):
+            self.in_step = True
+            try:
+                return self._step()
+            except BaseException as exc:
+                if not getattr(exc, "lockstep_contained", False):
+                    self.broken = (f"{type(exc).__name__} ({exc}) escaped step "
+                                   f"{self.num_steps} where it could not be contained")
+                raise
+            finally:
+                self.in_step = False
+
+    def _step(self) -> list[RequestOutput]:
         outputs, self._pending_outputs = self._pending_outputs, []
         launched = False
         if len(self._in_flight) < self._queue_depth and self.scheduler.has_unfinished():
@@ -130,53 +237,59 @@ class EngineCore:
 
     def _launch(self) -> bool:
         step = self.num_steps + 1
-        with self.timeline.host("schedule", step):
-            sched = self.scheduler.schedule()
-            self.runner.release(sched.freed_request_ids)
+        try:
+            with self.timeline.host("schedule", step):
+                sched = self.scheduler.schedule()
+                self.runner.release(sched.freed_request_ids)
+        except BaseException as exc:  # the running requests are the ones it touched
+            self._contain(exc, "schedule", step, list(self.scheduler.running))
+            return False
         if not sched.rows:
             return False
         self.num_steps = step
         try:
-            with self.device.step_scope():
+            with self.device.step_scope(step):
                 pending = self.runner.execute_model(sched, self.kv.block_tables, step)
-        except GuardError:  # a sync or a race found by sync_guard is the caller's to see
-            raise
-        except Exception as exc:  # one bad step must not take the engine down
-            logger.exception("step %d failed to launch", self.num_steps)
-            self._pending_outputs += self._fail(sched, exc)
+        except BaseException as exc:
+            self._contain(exc, "launch", step, [row.request for row in sched.rows])
             return False
         self._in_flight.append((step, sched, pending))
         return True
 
     def _collect(self) -> list[RequestOutput]:
         step, sched, pending = self._in_flight.popleft()
-        with self.timeline.host("collect", step):
-            try:
+        try:
+            with self.timeline.host("collect", step):
                 result = pending.get_output()
-            except GuardError:
-                raise
-            except Exception as exc:
-                logger.exception("step %d failed on the device", step)
-                return self._fail(sched, exc)
-            changed = self.scheduler.update_from_output(sched, result.sampled, result.logprobs)
-            return [RequestOutput.of(r) for r in changed]
+                changed = self.scheduler.update_from_output(sched, result.sampled,
+                                                            result.logprobs)
+                return [RequestOutput.of(r) for r in changed]
+        except BaseException as exc:
+            self._contain(exc, "collect", step, [row.request for row in sched.rows])
+            return []
 
-    def _pending_outputs_now(self) -> list[RequestOutput]:
-        outputs, self._pending_outputs = self._pending_outputs, []
-        return outputs
-
-    def _fail(self, sched, exc: Exception) -> list[RequestOutput]:
-        failed = []
-        for row in sched.rows:
-            req = row.request
-            req.num_placeholders -= row.samples
+    def _contain(self, exc: BaseException, phase: str, step: int, requests: list) -> None:
+        """End ``requests`` with "error" (their outputs go out with the next step's) and free
+        what they hold. An Exception is then handled; anything else (an interrupt, a guard
+        finding) is re-raised, marked as contained: the engine is consistent."""
+        guard = isinstance(exc, GuardError)
+        if isinstance(exc, Exception) and not guard:
+            logger.warning("step %d failed in %s: %s: %s", step, phase, type(exc).__name__, exc)
+        error = f"step {step} failed in {phase}: {type(exc).__name__}: {exc}"
+        for req in requests:
             if req.is_finished:
                 continue
             self.scheduler.finish(req, "error")
             out = RequestOutput.of(req)
-            out.error = f"{type(exc).__name__}: {exc}"
-            failed.append(out)
-        return failed
+            out.error = error
+            self._pending_outputs.append(out)
+        if guard or not isinstance(exc, Exception):
+            exc.lockstep_contained = True
+            raise exc
+
+    def _pending_outputs_now(self) -> list[RequestOutput]:
+        outputs, self._pending_outputs = self._pending_outputs, []
+        return outputs
 
     def stats(self) -> dict:
         return {

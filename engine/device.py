@@ -34,7 +34,7 @@ class Device:
         self.copy = torch.cuda.Stream()
 
     @contextmanager
-    def step_scope(self) -> Iterator[None]:
+    def step_scope(self, step: int | None = None) -> Iterator[None]:
         """Make the compute stream current (and autograd off) for one engine step.
 
         Inside it, work for the compute stream is issued without switching streams again: one
@@ -92,11 +92,11 @@ class Device:
         return torch.cuda.mem_get_info()[0]
 
 
-def make_device(kind: str, sim_policy: str = "eager", seed: int = 0) -> Device:
+def make_device(kind: str, sim_policy: str | None = None, seed: int = 0) -> Device:
     if kind == "cuda":
         return Device()
     from .sim import SimDevice
-    return SimDevice("eager" if kind == "cpu" else sim_policy, seed=seed, kind=kind)
+    return SimDevice(sim_policy or "eager", seed=seed, kind=kind)
 
 
 class HostBuffer:

@@ -1,6 +1,7 @@
 """The model runner: turns a scheduler output into one forward pass and one sampled token per row."""
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import torch
@@ -91,6 +92,47 @@ def kv_block_bytes(model: torch.nn.Module, block_size: int) -> int:
     for d in shape:
         numel *= d
     return numel * torch.empty((), dtype=model.kv_cache_dtype).element_size()
+
+
+def host_available_memory() -> int | None:
+    """Bytes of host memory available to a new allocation (Linux MemAvailable), or None."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def check_sizes(config: EngineConfig, model: torch.nn.Module, device: Device, vocab_size: int,
+                num_blocks: int, blocks_named: str) -> None:
+    """Before allocating: ValueError naming the field whose buffers would not fit in memory
+    (``blocks_named`` is the field the KV block count came from)."""
+    rows, tokens = config.max_num_seqs, config.max_num_batched_tokens
+    blocks_per_seq = -(-config.max_model_len // config.block_size)
+    block = kv_block_bytes(model, config.block_size)
+    staging = (6 * tokens + rows * (blocks_per_seq + 8)) * 8 + 6 * rows * 4
+    wants = [  # (the fields, bytes, what, on the device)
+        (f"block_size={config.block_size}", block, "one KV cache block", True),
+        (f"max_num_seqs={rows}", rows * (vocab_size * 5 + 8), "per-slot sampling state", True),
+        (f"max_num_batched_tokens={tokens}", 6 * tokens * 8 * 2, "staging buffers", False),
+        (f"max_num_seqs={rows}", staging, "staging buffers", False),
+        (f"{blocks_named}={getattr(config, blocks_named)} with block_size={config.block_size}",
+         (num_blocks + 1) * block, "the KV cache", True),
+    ]
+    host = host_available_memory()
+    free = device.free_memory() if device.kind == "cuda" else host
+    for fields, nbytes, what, on_device in wants:
+        available = free if on_device else host
+        if available is not None and nbytes > available:
+            where = "free device" if on_device and device.kind == "cuda" else "available host"
+            raise ValueError(f"{fields} needs {nbytes:,} bytes for {what}, more than the "
+                             f"{available:,} bytes of {where} memory")
 
 
 def choose_num_kv_blocks(config: EngineConfig, model: torch.nn.Module, device: Device) -> int:

@@ -55,6 +55,16 @@ def filter_top_k_top_p_min_p(logits: torch.Tensor, s: SamplingInputs) -> torch.T
     return torch.empty_like(logits).scatter_(-1, order, sorted_logits)
 
 
+def top_logprobs(logprobs: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The ``k`` largest per row, ties in token-id order.
+
+    A stable sort, not ``topk``: topk orders ties differently for a different k, and k is the
+    batch's largest request, so a request's top logprobs would depend on its neighbours.
+    """
+    values, ids = logprobs.sort(dim=-1, descending=True, stable=True)
+    return values[:, :k], ids[:, :k]
+
+
 def sample(logits: torch.Tensor, s: SamplingInputs, output_counts: torch.Tensor,
            prompt_mask: torch.Tensor) -> SamplerOutput:
     """Pick one token per row of ``logits`` ``[B, V]`` (float32)."""
@@ -73,6 +83,6 @@ def sample(logits: torch.Tensor, s: SamplingInputs, output_counts: torch.Tensor,
         tokens = torch.where(greedy, tokens, (scaled + gumbel).argmax(-1))
     if raw_logprobs is None:
         return SamplerOutput(tokens, None, None, None)
-    top_lp, top_ids = raw_logprobs.topk(s.max_logprobs, dim=-1)
+    top_lp, top_ids = top_logprobs(raw_logprobs, s.max_logprobs)
     sampled_lp = raw_logprobs.gather(-1, tokens[:, None])[:, 0]
     return SamplerOutput(tokens, sampled_lp, top_lp, top_ids)

@@ -98,10 +98,20 @@ def _check_int(name: str, value: object, low: int) -> None:
         raise ValueError(f"{name} must be >= {low}, got {value}")
 
 
+FLOAT32_MAX = 3.4028234663852886e38  # the parameters travel to the device as float32
+
+
 def _check_number(name: str, value: object, low: float | None = None, high: float | None = None,
                   low_open: bool = False) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise ValueError(f"{name} must be a finite number, got {value!r}")
+    try:
+        as_float = float(value)
+    except OverflowError:
+        raise ValueError(f"{name}={value!r} is too large for a float") from None
+    if not math.isfinite(as_float) or abs(as_float) > FLOAT32_MAX:
+        raise ValueError(f"{name} must be a finite number within float32 range "
+                         f"(|{name}| <= {FLOAT32_MAX:.4g}), got {value!r}")
     if low is not None and (value < low or (low_open and value == low)):
         bound = ">" if low_open else ">="
         raise ValueError(f"{name} must be {bound} {low}, got {value}")

@@ -127,9 +127,11 @@ class Scheduler:
             if not row.samples:
                 continue
             req = row.request
+            if req.is_finished:  # ended (abort, error) with this step in flight
+                continue
             req.num_placeholders -= 1
             assert req.num_placeholders >= 0, f"{req.request_id}: negative placeholders"
-            if req.is_finished or token is None:
+            if token is None:
                 continue
             req.output_token_ids.append(token)
             if req.logprobs is not None:
@@ -141,7 +143,8 @@ class Scheduler:
         return changed
 
     def finish(self, req: Request, reason: str) -> None:
-        """End ``req`` (stop, length, abort or error) and free its blocks."""
+        """End ``req`` (stop, length, abort or error) and free its blocks. Its placeholders go
+        too: the steps still in flight for it skip it when they are collected."""
         if req.is_finished:
             return
         if req.status is RequestStatus.RUNNING:
@@ -152,4 +155,5 @@ class Scheduler:
         self._freed.append(req.request_id)
         req.status = RequestStatus.FINISHED
         req.finish_reason = reason
+        req.num_placeholders = 0
         del self.requests[req.request_id]

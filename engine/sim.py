@@ -33,33 +33,77 @@ from sync_guard import hooks
 from .device import Device
 
 
-class SimEvent:
-    """Completion of every item queued on a stream before ``record``."""
+class StepFault:
+    """The first failure in one engine step's device work; the step's later events carry it."""
 
-    def __init__(self, stream: "SimStream") -> None:
+    __slots__ = ("step", "error")
+
+    def __init__(self, step: int | None) -> None:
+        self.step = step
+        self.error: BaseException | None = None
+
+
+_completion = threading.Lock()  # guards the moment a waiter is attached or an event completes
+
+
+class SimEvent:
+    """Completion of every item queued on a stream before ``record``.
+
+    Costs no kernel object until a thread blocks on it (``threaded`` policy only). An event
+    recorded in a step whose device work failed before it completed carries that failure, and
+    ``synchronize`` raises it: the step's results are never read as if they were good.
+    """
+
+    __slots__ = ("stream", "fault", "error", "time_ns", "_done", "_waiter", "__weakref__")
+
+    def __init__(self, stream: "SimStream", fault: StepFault | None = None) -> None:
         self.stream = stream
-        self.done = threading.Event()
+        self.fault = fault
+        self.error: BaseException | None = None
         self.time_ns: int | None = None
+        self._done = False
+        self._waiter: threading.Event | None = None
 
     def _complete(self) -> None:
         self.time_ns = time.perf_counter_ns()
-        self.done.set()
+        if self.fault is not None:
+            self.error = self.fault.error
+        with _completion:
+            self._done = True
+            waiter = self._waiter
+        if waiter is not None:
+            waiter.set()
+
+    def is_done(self) -> bool:
+        return self._done
+
+    def wait_done(self) -> None:
+        """Block until another thread completes the event."""
+        with _completion:
+            if self._done:
+                return
+            if self._waiter is None:
+                self._waiter = threading.Event()
+            waiter = self._waiter
+        waiter.wait()
 
     def query(self) -> bool:
-        done = self.done.is_set()
+        done = self._done
         hooks.on_event_query(self, done)
         return done
 
     def synchronize(self) -> None:
         hooks.on_host_wait("SimEvent.synchronize", event=self)
         self.stream.run_until(self)
+        if self.error is not None:
+            self.stream.raise_fault(self.error, self.fault)
 
 
 class _WorkQueue:
     """A stream's queue, shared with its worker thread (which must not keep the stream alive)."""
 
     def __init__(self) -> None:
-        self.items: deque[Callable[[], None]] = deque()
+        self.items: deque[tuple[Callable[[], None], StepFault | None]] = deque()
         self.lock = threading.Lock()
         self.wake = threading.Condition(self.lock)
         self.closed = False
@@ -80,18 +124,27 @@ class _WorkQueue:
                 item = self.items.popleft()
                 delay = rng.uniform(0, max_delay_s)
             time.sleep(delay)
-            try:
-                with hooks.device_work():
-                    item()
-            except BaseException as exc:  # surfaced to the host at its next wait
-                self.error = self.error or exc
+            self.execute(item)
             del item  # a finished item must not keep the stream (and engine) alive
+
+    def execute(self, item: tuple[Callable[[], None], StepFault | None]) -> None:
+        """Run one item as the device; a failure is kept for the host's next wait."""
+        fn, fault = item
+        try:
+            with hooks.device_work():
+                fn()
+        except BaseException as exc:  # noqa: BLE001 - surfaced to the host, never dropped
+            if fault is None:
+                self.error = self.error or exc
+            elif fault.error is None:
+                fault.error = exc
 
 
 class SimStream:
     """An in-order queue of device work."""
 
     def __init__(self, device: "SimDevice", name: str, policy: str) -> None:
+        self.device = device
         self.policy = policy
         self.name = name
         self._queue = _WorkQueue()
@@ -101,10 +154,11 @@ class SimStream:
                              name=f"sim-{name}", daemon=True).start()
             weakref.finalize(self, self._queue.close)
 
-    def enqueue(self, item: Callable[[], None]) -> None:
+    def enqueue(self, fn: Callable[[], None]) -> None:
+        """Queue ``fn`` as device work of the current step (if any): its failure is that step's."""
+        item = (fn, self.device.fault)
         if self.policy == "eager":
-            with hooks.device_work():
-                item()
+            self._queue.execute(item)
             return
         with self._queue.lock:
             self._queue.items.append(item)
@@ -113,16 +167,24 @@ class SimStream:
     def run_until(self, event: SimEvent) -> None:
         """Block the caller until ``event`` completed (running work itself when lazy)."""
         if self.policy == "lazy":
-            while not event.done.is_set():
+            while not event.is_done():
                 with self._queue.lock:
                     item = self._queue.items.popleft()
-                with hooks.device_work():
-                    item()
-        else:
-            event.done.wait()
-        if self._queue.error is not None:
+                self._queue.execute(item)
+        elif not event.is_done():
+            event.wait_done()
+        if self._queue.error is not None:  # work queued outside any step failed
             error, self._queue.error = self._queue.error, None
-            raise RuntimeError(f"device work on sim stream {self.name!r} failed") from error
+            self.raise_fault(error, None)
+
+    def raise_fault(self, error: BaseException, fault: StepFault | None) -> None:
+        """Report device work's failure to the host: an interrupt (any BaseException that is not
+        an Exception) as itself; an error as a RuntimeError naming the step and the cause."""
+        if not isinstance(error, Exception):
+            raise error
+        step = "" if fault is None or fault.step is None else f" of step {fault.step}"
+        raise RuntimeError(f"device work{step} on sim stream {self.name!r} failed: "
+                           f"{type(error).__name__}: {error}") from error
 
     def synchronize(self) -> None:
         hooks.on_host_wait("SimStream.synchronize", stream=self)
@@ -142,13 +204,21 @@ class SimDevice(Device):
         self.max_delay_s = max_delay_s
         self.torch_device = torch.device("cpu")
         self.pin_memory = False
+        self.fault: StepFault | None = None  # the step whose device work is being enqueued
         skewed = policy == "skewed"
         self.compute = SimStream(self, "compute", "eager" if skewed else policy)
         self.copy = SimStream(self, "copy", "lazy" if skewed else policy)
 
     @contextmanager
-    def step_scope(self) -> Iterator[None]:
-        yield  # work runs later on stream queues; ``launch`` enters inference mode there
+    def step_scope(self, step: int | None = None) -> Iterator[None]:
+        """Device work enqueued inside belongs to ``step``: its first failure is carried by the
+        step's later events (work runs later on stream queues; ``launch`` enters inference
+        mode there)."""
+        self.fault = StepFault(step)
+        try:
+            yield
+        finally:
+            self.fault = None
 
     def launch(self, stream: SimStream, fn: Callable[..., None], *args: Any) -> None:
         def run() -> None:
@@ -161,7 +231,7 @@ class SimDevice(Device):
         stream.enqueue(lambda: dst.copy_(src))
 
     def record(self, stream: SimStream, timing: bool = False) -> SimEvent:
-        event = SimEvent(stream)
+        event = SimEvent(stream, self.fault)
         hooks.on_record(event, stream)
         stream.enqueue(event._complete)
         return event

@@ -3,7 +3,8 @@
 Host spans (schedule, prepare, launch, collect) are timed with ``perf_counter_ns``. A device span
 is a pair of events recorded on the compute stream around the step's device work: CUDA timing
 events, or the completion time stamps of ``sim`` events. Device times are resolved only on
-export, never on the step's path.
+export, never on the step's path. The timeline is a ring over the last ``max_steps`` steps
+(``EngineConfig.timeline_steps``); 0 records nothing, not even the device events.
 """
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ from typing import Iterator
 
 from .device import Device
 
-MAX_SPANS = 200_000
+HOST_SPANS_PER_STEP = 4  # schedule, prepare, launch, collect
 
 
 @dataclass(slots=True)
@@ -30,12 +31,13 @@ class HostSpan:
 class Timeline:
     """Records what the host and the device did in each step."""
 
-    def __init__(self, device: Device) -> None:
+    def __init__(self, device: Device, max_steps: int = 1024) -> None:
         self.device = device
-        self.host_spans: deque[HostSpan] = deque(maxlen=MAX_SPANS)
-        self._device_events: deque[tuple[int, object, object]] = deque(maxlen=MAX_SPANS)
+        self.enabled = max_steps > 0
+        self.host_spans: deque[HostSpan] = deque(maxlen=HOST_SPANS_PER_STEP * max_steps)
+        self._device_events: deque[tuple[int, object, object]] = deque(maxlen=max_steps)
         self._origin = None  # (event, host ns) pair that anchors CUDA times to host time
-        if device.kind == "cuda":
+        if device.kind == "cuda" and self.enabled:
             device.synchronize()
             origin = device.record(device.compute, timing=True)
             origin.synchronize()
@@ -43,6 +45,9 @@ class Timeline:
 
     @contextmanager
     def host(self, name: str, step: int) -> Iterator[None]:
+        if not self.enabled:
+            yield
+            return
         start = time.perf_counter_ns()
         try:
             yield
@@ -50,9 +55,11 @@ class Timeline:
             self.host_spans.append(HostSpan(name, step, start, time.perf_counter_ns()))
 
     def device_begin(self) -> object:
-        return self.device.record(self.device.compute, timing=True)
+        return self.device.record(self.device.compute, timing=True) if self.enabled else None
 
     def device_end(self, step: int, begin: object) -> None:
+        if not self.enabled:
+            return
         end = self.device.record(self.device.compute, timing=True)
         self._device_events.append((step, begin, end))
 

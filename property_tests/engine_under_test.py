@@ -29,6 +29,11 @@ class Mode:
     policy: str = "eager"
 
     @property
+    def sim_policy(self) -> str | None:
+        """What ``EngineConfig.sim_policy`` takes: the policy on ``sim``, None elsewhere."""
+        return self.policy if self.device == "sim" else None
+
+    @property
     def name(self) -> str:
         where = f"{self.device}/{self.policy}" if self.device == "sim" else self.device
         return f"{'async' if self.async_scheduling else 'sync'} {where}"
@@ -111,7 +116,7 @@ class LockstepEngine:
     def __init__(self, spec: EngineSpec, mode: Mode) -> None:
         self.mode = mode
         self.core = EngineCore(EngineConfig(
-            model=spec.model, device=mode.device, sim_policy=mode.policy,
+            model=spec.model, device=mode.device, sim_policy=mode.sim_policy,
             async_scheduling=mode.async_scheduling, block_size=spec.block_size,
             num_kv_blocks=spec.num_kv_blocks, max_num_seqs=spec.max_num_seqs,
             max_num_batched_tokens=spec.max_num_batched_tokens,

@@ -112,7 +112,7 @@ class EngineInvariants:
         """On sim lazy, device work runs only when the host waits: if step N's work had run by
         the time step N+1's launch returned, the host waited for it while preparing N+1."""
         previous_step, _, pending = previous
-        if pending._copied.done.is_set():
+        if pending._copied.is_done():
             self._violations.append(f"no overlap: step {previous_step}'s device work had "
                                     f"completed when step {step}'s launch returned (sim lazy)")
         else:

@@ -8,7 +8,6 @@ sync detector. Every call costs one context-variable read when the guard is off.
 """
 from __future__ import annotations
 
-import functools
 import weakref
 from contextlib import contextmanager
 from contextvars import ContextVar
@@ -55,13 +54,16 @@ def register_device_memory(tensor: torch.Tensor) -> None:
     held = _device_memory.get(ptr)
     if held is not None and held() is not None:
         return  # already known (a view of it, or its base): the first live owner keeps the key
-    _device_memory[ptr] = weakref.ref(tensor, functools.partial(_forget, ptr))
+    # No weakref callback: an exception raised inside one (a KeyboardInterrupt from a signal
+    # handler) is printed and dropped. Dead entries are pruned when the map has doubled.
+    _device_memory[ptr] = weakref.ref(tensor)
+    if len(_device_memory) > _prune_at[0]:
+        for key in [k for k, ref in _device_memory.items() if ref() is None]:
+            del _device_memory[key]
+        _prune_at[0] = max(1024, 2 * len(_device_memory))
 
 
-def _forget(ptr: int, ref: weakref.ref) -> None:
-    """A registered tensor died: drop its key, unless another tensor's entry replaced it."""
-    if _device_memory.get(ptr) is ref:
-        del _device_memory[ptr]
+_prune_at = [1024]
 
 
 def has_sim_memory() -> bool:

@@ -59,7 +59,7 @@ def build(target, model, async_scheduling, **kw) -> LLM:
     device, policy = target
     if device == "cuda":
         kw.setdefault("dtype", "float32")
-    return LLM(model=model, device=device, sim_policy=policy,
+    return LLM(model=model, device=device, sim_policy=policy if device == "sim" else None,
                async_scheduling=async_scheduling, **kw)
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import math
 import pickle
+import re
 
 import pytest
 import torch
@@ -117,6 +118,13 @@ BAD_PARAMS = [
     ("logprobs", dict(logprobs=-1)),
     ("logprobs", dict(logprobs=1.0)),
     ("logprobs", dict(logprobs=math.nan)),
+    # beyond float32 (the staging buffers' type) or beyond a float at all
+    ("temperature", dict(temperature=1e39, min_tokens=8, max_tokens=8)),
+    ("temperature", dict(temperature=10**400)),
+    ("top_p", dict(top_p=10**400)),
+    ("repetition_penalty", dict(repetition_penalty=10**400)),
+    ("repetition_penalty", dict(repetition_penalty=-1e39)),
+    ("presence_penalty", dict(presence_penalty=-(10**400))),
 ]
 
 
@@ -142,16 +150,36 @@ BAD_REQUESTS = [
     ("prompt_token_ids", [1] * MAX_MODEL_LEN, dict(max_tokens=1)),
     ("prompt_token_ids", [1] * (MAX_MODEL_LEN + 10), dict(max_tokens=1)),
     ("max_tokens", [1] * (MAX_MODEL_LEN - 4), dict(max_tokens=5)),
+    ("prompt_token_ids", torch.tensor(5), {}),  # a 0-d tensor
+    ("prompt_token_ids", torch.ones(2, 3, dtype=torch.int64), {}),
+    ("prompt_token_ids", torch.tensor([1.0, 2.0]), {}),
+    ("prompt_token_ids", {1, 2}, {}),
+    ("prompt_token_ids", b"\x01\x02", {}),
 ]
 
 
 @pytest.mark.parametrize(
     "field,prompt,kwargs", BAD_REQUESTS,
-    ids=[f"{field}-{len(p)}-tokens-{kw}" for field, p, kw in BAD_REQUESTS])
+    ids=[f"{field}-{type(p).__name__}-{tuple(p.shape) if hasattr(p, 'shape') else len(p)}-{kw}"
+         for field, p, kw in BAD_REQUESTS])
 def test_invalid_request_is_refused_naming_the_field_and_leaves_no_trace(
         llm, expected, field, prompt, kwargs):
     refused(lambda: llm.generate([prompt], SamplingParams(**kwargs)), field)
     assert_still_serves(llm, expected)
+
+
+@pytest.mark.parametrize("field,prompt", [(f, p) for f, p, kw in BAD_REQUESTS if not kw])
+def test_add_request_refuses_the_same_prompts_naming_prompt_token_ids(field, prompt):
+    engine = LLM(**ORACLE).engine
+    refused(lambda: engine.add_request("r", prompt, SamplingParams()), field)
+    assert not engine.scheduler.requests
+
+
+def test_integer_tensors_and_arrays_are_prompts(llm, expected):
+    import numpy as np
+    outs = llm.generate([torch.tensor(VALID_PROMPTS[0]), np.array(VALID_PROMPTS[1])],
+                        VALID_PARAMS)
+    assert [out.token_ids for out in outs] == expected
 
 
 def test_request_filling_max_model_len_exactly_is_served(llm, expected):
@@ -230,12 +258,25 @@ BAD_CONFIGS = [
     ("seed", dict(seed=-1)),
     ("async_scheduling", dict(async_scheduling="yes")),
     ("enforce_eager", dict(enforce_eager=1)),
+    ("sim_policy", dict(device="cpu", sim_policy="threaded")),
+    ("timeline_steps", dict(timeline_steps=-1)),
 ]
+# sizes are checked against what they would allocate, before allocating
+OVERSIZED = [("max_num_seqs", dict(max_num_seqs=10**9)),
+             ("num_kv_blocks", dict(num_kv_blocks=10**12)),
+             ("block_size", dict(block_size=2**31)),
+             ("max_num_batched_tokens", dict(max_num_batched_tokens=10**12))]
 
 
 @pytest.mark.parametrize("field,kwargs", BAD_CONFIGS, ids=[repr(kw) for _, kw in BAD_CONFIGS])
 def test_invalid_engine_config_is_refused_naming_the_field(field, kwargs):
     refused(lambda: LLM(model="oracle", **kwargs), field)
+
+
+@pytest.mark.parametrize("field,kwargs", OVERSIZED, ids=[f for f, _ in OVERSIZED])
+def test_sizes_beyond_memory_are_refused_naming_the_field_and_the_bytes(field, kwargs):
+    error = refused(lambda: LLM(model="oracle", **kwargs), field)
+    assert re.search(r"needs [\d,]+ bytes for .* more than the [\d,]+ bytes", str(error)), error
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="a CUDA device is available")

@@ -15,7 +15,8 @@ TARGETS = [("sim", "eager"), ("sim", "lazy"), ("sim", "threaded"),
 def run_once(target, seed: int) -> bool:
     """One short async generation under the race checker; True when a race was reported."""
     device, policy = target
-    llm = LLM(model="oracle", device=device, sim_policy=policy, async_scheduling=True,
+    llm = LLM(model="oracle", device=device, sim_policy=policy if device == "sim" else None,
+              async_scheduling=True,
               seed=seed, enforce_eager=True)
     prompts = [[(seed + 7 * i + j) % 400 + 3 for j in range(3 + i)] for i in range(3)]
     try:

@@ -605,3 +605,23 @@ def test_the_host_side_mixer_computes_the_same_bits_as_the_tensor_one():
     values = [0, 1, 2**31, 2**32 - 1, 2**32, 2**40 + 7, 123456789] + list(range(1000, 1100))
     tensor = mix32(torch.tensor(values, dtype=torch.int64)).tolist()
     assert [mix32_int(v) for v in values] == tensor
+
+
+def test_top_logprobs_order_ties_by_token_id_whatever_k():
+    """The batch asks for its largest k: a request's entries must not depend on it."""
+    from lockstep.engine.sampler import top_logprobs
+    logprobs = torch.full((1, 600), -9.0)
+    logprobs[0, [497, 131, 300]] = torch.tensor([-3.973, -3.973, -1.0])
+    for k in (1, 2, 3, 5, 600):
+        values, ids = top_logprobs(logprobs, k)
+        assert ids[0, :3].tolist()[:k] == [300, 131, 497][:k]
+        assert values.shape == (1, k)
+
+
+def test_a_requests_logprobs_are_the_same_alone_and_beside_a_larger_k():
+    prompt = [5, 9, 2, 7]
+    mine = SamplingParams(temperature=0.8, seed=4, max_tokens=12, logprobs=1, ignore_eos=True)
+    wide = SamplingParams(temperature=0, max_tokens=12, logprobs=7, ignore_eos=True)
+    [alone] = LLM(model="oracle").generate([prompt], mine)
+    beside = LLM(model="oracle", async_scheduling=True).generate([[3, 3], prompt], [wide, mine])[1]
+    assert beside.logprobs == alone.logprobs and beside.token_ids == alone.token_ids

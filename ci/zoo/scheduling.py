@@ -48,7 +48,7 @@ def collect_only_when_queue_full(patch) -> None:
     in flight is never collected: the engine spins without finishing. Async only; sync mode's
     queue of one is full after every launch.
     """
-    patch.setattr(EngineCore, "step", _step_collecting_only_when_full)
+    patch.setattr(EngineCore, "_step", _step_collecting_only_when_full)
 
 
 def _preempt_dropping_placeholders(self, req):
@@ -156,8 +156,10 @@ def _update(self, out, sampled, logprobs, skip, lookup=lambda self, row: row.req
         req = lookup(self, row)
         if req is None:
             continue
-        req.num_placeholders -= 1
-        assert not check or req.num_placeholders >= 0, f"{req.request_id}: negative placeholders"
+        if not req.is_finished:  # a finished request's placeholders went with it
+            req.num_placeholders -= 1
+            assert not check or req.num_placeholders >= 0, \
+                f"{req.request_id}: negative placeholders"
         if skip(req) or token is None:
             continue
         req.output_token_ids.append(token)
@@ -254,6 +256,7 @@ def _finish(self, req, reason, frees_blocks: bool, frees_slot: bool) -> None:
         self._freed.append(req.request_id)
     req.status = RequestStatus.FINISHED
     req.finish_reason = reason
+    req.num_placeholders = 0
     del self.requests[req.request_id]
 
 

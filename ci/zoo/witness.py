@@ -67,7 +67,7 @@ def run_bare(workload: Workload, mode: Mode) -> Outcome:
     """``workload`` on a bare EngineCore in ``mode``: what a user of the engine would see."""
     spec, outcome = workload.engine, Outcome()
     core = EngineCore(EngineConfig(
-        model=spec.model, device=mode.device, sim_policy=mode.policy,
+        model=spec.model, device=mode.device, sim_policy=mode.sim_policy,
         async_scheduling=mode.async_scheduling, block_size=spec.block_size,
         num_kv_blocks=spec.num_kv_blocks, max_num_seqs=spec.max_num_seqs,
         max_num_batched_tokens=spec.max_num_batched_tokens, max_model_len=spec.max_model_len,
@@ -131,7 +131,7 @@ def _count_stale_launches(core: EngineCore, outcome: Outcome) -> None:
     def counted(sched, block_tables, step):
         previous = core._in_flight[-1][2] if core._in_flight else None
         pending = execute(sched, block_tables, step)
-        if previous is not None and previous._copied.done.is_set():
+        if previous is not None and previous._copied.is_done():
             outcome.stale_launches += 1
         return pending
     runner.execute_model = counted
@@ -139,7 +139,7 @@ def _count_stale_launches(core: EngineCore, outcome: Outcome) -> None:
 
 def mode_name(core: EngineCore) -> str:
     cfg = core.config
-    return Mode(cfg.async_scheduling, cfg.device, cfg.sim_policy).name
+    return Mode(cfg.async_scheduling, cfg.device, cfg.sim_policy or "eager").name
 
 
 def _leak(core: EngineCore) -> str | None:

@@ -1,0 +1,189 @@
+"""Interrupts and concurrent callers: a KeyboardInterrupt reaches the caller and leaves the
+engine consistent and usable, or explicitly broken; a second caller gets an error at once.
+
+The policy (``LLM.generate``): a first SIGINT in the main thread is delivered as
+KeyboardInterrupt once the current step has finished, and the call aborts its own requests
+before it leaves, so the engine is consistent and serves the next call exactly. A second SIGINT
+interrupts at once; where that leaves the engine unknowable, it is marked broken and every
+later call raises :class:`EngineBrokenError`. Real SIGINTs are sent by a SIGALRM handler armed
+with ``signal.setitimer`` at random moments.
+"""
+from __future__ import annotations
+
+import os
+import random
+import signal
+import threading
+import time
+
+import pytest
+
+from lockstep.engine import LLM, SamplingParams
+from lockstep.engine.core import EngineBrokenError
+from lockstep.engine.model_runner import ModelRunner
+
+TARGETS = [(False, "eager"), (True, "eager"), (False, "lazy"), (True, "lazy"),
+           (False, "threaded"), (True, "threaded")]
+PROMPTS = [[5 + i, 7, 11 + 3 * i, 2] for i in range(5)]
+PARAMS = [SamplingParams(temperature=0.7, seed=i, max_tokens=24, ignore_eos=True,
+                         presence_penalty=0.3 * (i % 2)) for i in range(5)]
+
+
+def make_llm(async_scheduling: bool, policy: str, **kw) -> LLM:
+    return LLM(model="oracle", device="sim", sim_policy=policy, async_scheduling=async_scheduling,
+               block_size=4, num_kv_blocks=40, max_num_seqs=3, max_num_batched_tokens=16, **kw)
+
+
+@pytest.fixture(scope="module")
+def reference() -> list[list[int]]:
+    return [o.token_ids for o in make_llm(False, "eager").generate(PROMPTS, PARAMS)]
+
+
+def assert_idle(llm: LLM) -> None:
+    stats = llm.stats()
+    assert stats["num_free_blocks"] == stats["num_total_blocks"], stats
+    assert stats["num_running"] == stats["num_waiting"] == 0, stats
+    assert not llm.engine.has_unfinished_requests()
+
+
+def sigint_after(delay_s: float, count: int = 1) -> None:
+    """Send ``count`` real SIGINTs to this process ``delay_s`` from now (SIGALRM handler)."""
+    def on_alarm(signum, frame):
+        for _ in range(count):
+            os.kill(os.getpid(), signal.SIGINT)
+    signal.signal(signal.SIGALRM, on_alarm)
+    signal.setitimer(signal.ITIMER_REAL, delay_s)
+
+
+@pytest.fixture
+def alarm():
+    yield
+    signal.setitimer(signal.ITIMER_REAL, 0)
+    signal.signal(signal.SIGALRM, signal.SIG_DFL)
+
+
+@pytest.mark.parametrize("async_scheduling,policy", TARGETS)
+def test_sigint_at_random_moments_leaves_the_engine_consistent(alarm, reference,
+                                                               async_scheduling, policy):
+    llm = make_llm(async_scheduling, policy)
+    start = time.perf_counter()
+    llm.generate(PROMPTS, PARAMS)
+    duration = time.perf_counter() - start
+    rng = random.Random(f"{async_scheduling}{policy}")
+    interrupted = 0
+    for _ in range(24):
+        sigint_after(rng.uniform(1e-4, duration))
+        try:
+            outs = llm.generate(PROMPTS, PARAMS)
+            assert [o.token_ids for o in outs] == reference
+        except KeyboardInterrupt:
+            interrupted += 1
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        assert llm.engine.broken is None
+        assert_idle(llm)
+    assert interrupted >= 8, f"only {interrupted} of 24 runs were interrupted"
+    assert [o.token_ids for o in llm.generate(PROMPTS, PARAMS)] == reference
+    assert_idle(llm)
+
+
+@pytest.mark.parametrize("async_scheduling,policy", [(True, "threaded"), (False, "lazy")])
+def test_a_second_sigint_interrupts_at_once_and_never_corrupts(alarm, reference,
+                                                               async_scheduling, policy):
+    """Two SIGINTs back to back: the engine is consistent, or broken and says so."""
+    rng = random.Random(policy)
+    outcomes = {"consistent": 0, "broken": 0}
+    for _ in range(12):
+        llm = make_llm(async_scheduling, policy)
+        sigint_after(rng.uniform(1e-4, 0.02), count=2)
+        with pytest.raises(KeyboardInterrupt):
+            llm.generate(PROMPTS * 4, PARAMS * 4)
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        if llm.engine.broken is None:
+            outcomes["consistent"] += 1
+            assert_idle(llm)
+            assert [o.token_ids for o in llm.generate(PROMPTS, PARAMS)] == reference
+        else:
+            outcomes["broken"] += 1
+            for call in (lambda: llm.generate(PROMPTS, PARAMS), llm.engine.step,
+                         lambda: llm.engine.add_request("x", [1, 2], SamplingParams())):
+                with pytest.raises(EngineBrokenError, match="Make a new LLM"):
+                    call()
+    assert sum(outcomes.values()) == 12
+
+
+def test_a_keyboard_interrupt_raised_in_device_work_reaches_the_caller(monkeypatch, reference):
+    """On threaded sim the device work runs in a worker thread: its KeyboardInterrupt must not
+    become an "error" output; it reaches the caller, and the engine stays usable."""
+    llm = make_llm(True, "threaded")
+    real, calls = ModelRunner._device_step, {"n": 0}
+
+    def interrupted(self, *args):
+        calls["n"] += 1
+        if calls["n"] == 5:
+            raise KeyboardInterrupt
+        return real(self, *args)
+    monkeypatch.setattr(ModelRunner, "_device_step", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        llm.generate(PROMPTS, PARAMS)
+    assert llm.engine.broken is None
+    assert_idle(llm)
+    monkeypatch.undo()
+    assert [o.token_ids for o in llm.generate(PROMPTS, PARAMS)] == reference
+
+
+def test_a_second_thread_gets_a_clear_error_at_once(reference):
+    llm = make_llm(True, "threaded")
+    inside, release = threading.Event(), threading.Event()
+    real = llm.engine._step
+
+    def slow_step():
+        inside.set()
+        release.wait(5)
+        return real()
+    llm.engine._step = slow_step
+    results = {}
+    worker = threading.Thread(target=lambda: results.update(out=llm.generate(PROMPTS, PARAMS)),
+                              name="first-caller")
+    worker.start()
+    assert inside.wait(5)
+    for call in (lambda: llm.generate(PROMPTS, PARAMS), llm.engine.step,
+                 lambda: llm.engine.add_request("x", [1, 2], SamplingParams()),
+                 lambda: llm.engine.abort_request("gen1-0")):
+        start = time.perf_counter()
+        with pytest.raises(RuntimeError, match="while LLM.generate is running in thread "
+                                               "'first-caller'"):
+            call()
+        assert time.perf_counter() - start < 0.5  # at once, not after the other call
+    release.set()
+    worker.join(10)
+    del llm.engine._step
+    assert [o.token_ids for o in results["out"]] == reference
+    assert [o.token_ids for o in llm.generate(PROMPTS, PARAMS)] == reference  # now it may
+    assert_idle(llm)
+
+
+def test_generate_tracks_only_its_own_requests_and_hands_the_rest_back(reference):
+    llm = make_llm(True, "lazy")
+    engine = llm.engine
+    engine.add_request("mine", PROMPTS[1], PARAMS[1])
+    engine.add_request("gen1-0", PROMPTS[2], PARAMS[2])  # an id generate's scheme would pick
+    outs = llm.generate(PROMPTS, PARAMS)
+    assert [o.token_ids for o in outs] == reference
+    assert not {o.request_id for o in outs} & {"mine", "gen1-0"}
+    final = {}
+    while engine.has_unfinished_requests():
+        final.update({o.request_id: o for o in engine.step() if o.finished})
+    assert final["mine"].token_ids == reference[1]
+    assert final["gen1-0"].token_ids == reference[2]
+    assert_idle(llm)
+
+
+def test_generate_adds_nothing_unless_every_prompt_and_parameter_is_valid():
+    llm = make_llm(True, "eager")
+    llm.engine.add_request("mine", PROMPTS[0], PARAMS[0])
+    for prompts, params in (([PROMPTS[0], [1, 2], [1, 10**6]], PARAMS[:3]),
+                            (PROMPTS[:2], [PARAMS[0], "greedy"]),
+                            ([PROMPTS[0], [1, 2.5]], PARAMS[:2])):
+        with pytest.raises(ValueError):
+            llm.generate(prompts, params)
+        assert set(llm.engine.scheduler.requests) == {"mine"}
