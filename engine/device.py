@@ -64,7 +64,7 @@ class Device:
         with torch.cuda.stream(stream):
             dst.copy_(src, non_blocking=True)
 
-    def record(self, stream: Any, timing: bool = False) -> Event:
+    def record(self, stream: Any, timing: bool = False, fence: bool = False) -> Event:
         event = torch.cuda.Event(enable_timing=timing)
         event.record(stream)
         return event
@@ -135,7 +135,7 @@ class HostBuffer:
         self.host_np[:total] = flat
         stream = self.device.compute
         self.device.copy_async(self.dev[:total], self.host[:total], stream)
-        self.copied = self.device.record(stream)
+        self.copied = self.device.record(stream, fence=True)
         return self.dev[:total].split(sizes)
 
     def fence(self) -> None:

@@ -230,8 +230,10 @@ class SimDevice(Device):
         hooks.on_copy(dst, src, stream)
         stream.enqueue(lambda: dst.copy_(src))
 
-    def record(self, stream: SimStream, timing: bool = False) -> SimEvent:
-        event = SimEvent(stream, self.fault)
+    def record(self, stream: SimStream, timing: bool = False, fence: bool = False) -> SimEvent:
+        """``fence``: the event only tells the host that the work before it ran (an input-prep
+        fence); it does not carry the step's failure, which the step's results report."""
+        event = SimEvent(stream, None if fence else self.fault)
         hooks.on_record(event, stream)
         stream.enqueue(event._complete)
         return event

@@ -10,9 +10,12 @@ with ``signal.setitimer`` at random moments.
 """
 from __future__ import annotations
 
+import json
 import os
 import random
 import signal
+import subprocess
+import sys
 import threading
 import time
 
@@ -55,60 +58,76 @@ def sigint_after(delay_s: float, count: int = 1) -> None:
     signal.setitimer(signal.ITIMER_REAL, delay_s)
 
 
-@pytest.fixture
-def alarm():
-    yield
-    signal.setitimer(signal.ITIMER_REAL, 0)
-    signal.signal(signal.SIGALRM, signal.SIG_DFL)
-
-
-@pytest.mark.parametrize("async_scheduling,policy", TARGETS)
-def test_sigint_at_random_moments_leaves_the_engine_consistent(alarm, reference,
-                                                               async_scheduling, policy):
+def sigint_at_random_moments(async_scheduling: bool, policy: str, runs: int = 24) -> dict:
+    """``runs`` generate calls, each sent one SIGINT at a random moment within one call's
+    duration; after each, the engine must be consistent and give the reference tokens."""
+    expected = [o.token_ids for o in make_llm(False, "eager").generate(PROMPTS, PARAMS)]
     llm = make_llm(async_scheduling, policy)
     start = time.perf_counter()
     llm.generate(PROMPTS, PARAMS)
     duration = time.perf_counter() - start
     rng = random.Random(f"{async_scheduling}{policy}")
     interrupted = 0
-    for _ in range(24):
+    for _ in range(runs):
         sigint_after(rng.uniform(1e-4, duration))
         try:
             outs = llm.generate(PROMPTS, PARAMS)
-            assert [o.token_ids for o in outs] == reference
+            assert [o.token_ids for o in outs] == expected
         except KeyboardInterrupt:
             interrupted += 1
         signal.setitimer(signal.ITIMER_REAL, 0)
         assert llm.engine.broken is None
         assert_idle(llm)
-    assert interrupted >= 8, f"only {interrupted} of 24 runs were interrupted"
-    assert [o.token_ids for o in llm.generate(PROMPTS, PARAMS)] == reference
+    assert [o.token_ids for o in llm.generate(PROMPTS, PARAMS)] == expected
     assert_idle(llm)
+    return {"interrupted": interrupted, "runs": runs}
 
 
-@pytest.mark.parametrize("async_scheduling,policy", [(True, "threaded"), (False, "lazy")])
-def test_a_second_sigint_interrupts_at_once_and_never_corrupts(alarm, reference,
-                                                               async_scheduling, policy):
+def double_sigint(async_scheduling: bool, policy: str, runs: int = 12) -> dict:
     """Two SIGINTs back to back: the engine is consistent, or broken and says so."""
+    expected = [o.token_ids for o in make_llm(False, "eager").generate(PROMPTS, PARAMS)]
     rng = random.Random(policy)
     outcomes = {"consistent": 0, "broken": 0}
-    for _ in range(12):
+    for _ in range(runs):
         llm = make_llm(async_scheduling, policy)
         sigint_after(rng.uniform(1e-4, 0.02), count=2)
-        with pytest.raises(KeyboardInterrupt):
+        try:
             llm.generate(PROMPTS * 4, PARAMS * 4)
+            raise AssertionError("two SIGINTs did not interrupt generate")
+        except KeyboardInterrupt:
+            pass
         signal.setitimer(signal.ITIMER_REAL, 0)
         if llm.engine.broken is None:
             outcomes["consistent"] += 1
             assert_idle(llm)
-            assert [o.token_ids for o in llm.generate(PROMPTS, PARAMS)] == reference
+            assert [o.token_ids for o in llm.generate(PROMPTS, PARAMS)] == expected
         else:
             outcomes["broken"] += 1
             for call in (lambda: llm.generate(PROMPTS, PARAMS), llm.engine.step,
                          lambda: llm.engine.add_request("x", [1, 2], SamplingParams())):
                 with pytest.raises(EngineBrokenError, match="Make a new LLM"):
                     call()
-    assert sum(outcomes.values()) == 12
+    return outcomes
+
+
+def in_a_fresh_process(scenario: str, async_scheduling: bool, policy: str) -> dict:
+    """Signals go to a process's main thread (under xdist, not the one running the test)."""
+    proc = subprocess.run([sys.executable, __file__, scenario, str(async_scheduling), policy],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    return json.loads(proc.stdout.splitlines()[-1])
+
+
+@pytest.mark.parametrize("async_scheduling,policy", TARGETS)
+def test_sigint_at_random_moments_leaves_the_engine_consistent(async_scheduling, policy):
+    result = in_a_fresh_process("sigint", async_scheduling, policy)
+    assert result["interrupted"] >= 8, f"only {result} runs were interrupted"
+
+
+@pytest.mark.parametrize("async_scheduling,policy", [(True, "threaded"), (False, "lazy")])
+def test_a_second_sigint_interrupts_at_once_and_never_corrupts(async_scheduling, policy):
+    outcomes = in_a_fresh_process("double", async_scheduling, policy)
+    assert sum(outcomes.values()) == 12, outcomes
 
 
 def test_a_keyboard_interrupt_raised_in_device_work_reaches_the_caller(monkeypatch, reference):
@@ -129,6 +148,23 @@ def test_a_keyboard_interrupt_raised_in_device_work_reaches_the_caller(monkeypat
     assert_idle(llm)
     monkeypatch.undo()
     assert [o.token_ids for o in llm.generate(PROMPTS, PARAMS)] == reference
+
+
+def test_an_interrupt_where_no_phase_can_clean_up_marks_the_engine_broken(monkeypatch):
+    llm = make_llm(True, "lazy")
+
+    def interrupted(self):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(type(llm.engine), "_pending_outputs_now", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        llm.generate(PROMPTS, PARAMS)
+    monkeypatch.undo()
+    assert "KeyboardInterrupt" in llm.engine.broken
+    for call in (lambda: llm.generate(PROMPTS, PARAMS), llm.engine.step, llm.engine.settle,
+                 lambda: llm.engine.add_request("x", [1, 2], SamplingParams()),
+                 lambda: llm.engine.abort_request("gen1-0")):
+        with pytest.raises(EngineBrokenError, match="KeyboardInterrupt.*Make a new LLM"):
+            call()
 
 
 def test_a_second_thread_gets_a_clear_error_at_once(reference):
@@ -187,3 +223,9 @@ def test_generate_adds_nothing_unless_every_prompt_and_parameter_is_valid():
         with pytest.raises(ValueError):
             llm.generate(prompts, params)
         assert set(llm.engine.scheduler.requests) == {"mine"}
+
+
+if __name__ == "__main__":  # one scenario in this process: scenario, async, policy
+    scenario, async_arg, policy_arg = sys.argv[1:]
+    run_scenario = {"sigint": sigint_at_random_moments, "double": double_sigint}[scenario]
+    print(json.dumps(run_scenario(async_arg == "True", policy_arg)))

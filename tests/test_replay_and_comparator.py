@@ -119,9 +119,10 @@ def test_an_engine_crash_is_a_failure_with_a_replay_file_that_names_the_run(tmp_
     monkeypatch.setattr(Scheduler, "update_from_output", crash)
     with pytest.raises(PropertyFailure) as info:
         check_workload(WORKLOAD, replay_to=tmp_path / "crash.json")
-    message = str(info.value)
-    assert message.startswith("AssertionError: r0: negative placeholders")
-    assert "  run: sync sim/eager" in message
+    message = str(info.value)  # the engine contains it: the request ends with "error"
+    assert message.startswith("Divergence: sync sim/eager: request 'r0'#0 failed: step 1 "
+                              "failed in collect: AssertionError: r0: negative placeholders")
+    assert "replay: lockstep replay" in message
     assert Workload.load(tmp_path / "crash.json") == WORKLOAD
 
 
