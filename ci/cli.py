@@ -44,9 +44,14 @@ def main(argv: list[str] | None = None) -> int:
     bench.add_argument("--shape", default="llama-3.2-1b", choices=["llama-3.2-1b", "tiny"])
     bench.add_argument("--short", type=int, default=32, help="tokens of the short run")
     bench.add_argument("--long", type=int, default=160, help="tokens of the long run")
+    bench.add_argument("--repeats", type=int, default=5, help="alternated repetitions")
     bench.add_argument("--no-transformers", action="store_true",
-                       help="skip the transformers generate baseline")
+                       help="skip the transformers generate baselines (eager and static cache)")
+    bench.add_argument("--peers", default="transformers_eager,transformers_static",
+                       help="which transformers baselines to run (comma-separated)")
     bench.add_argument("--out", default=None, help="write the results as JSON here")
+    bench.add_argument("--plot", default=None, metavar="FILE.png",
+                       help="draw TPOT against batch size (needs matplotlib)")
     guard = sub.add_parser("guard-bench", help="decode TPOT with sync_guard armed vs off")
     guard.add_argument("--device", default="cuda", choices=["cpu", "cuda"])
     guard.add_argument("--batch-sizes", default="1,8")
@@ -110,15 +115,22 @@ def main(argv: list[str] | None = None) -> int:
         return print_soak(run_soak(args.requests, args.device, args.policy, not args.sync,
                                    abort_rate=args.abort_rate, fault_every=args.fault_every,
                                    seed=args.seed))
-    if args.command == "guard-bench":
-        from .guard_bench import run_guard_bench
-        run_guard_bench(device=args.device, shape=args.shape, out=args.out,
-                        batch_sizes=tuple(int(b) for b in args.batch_sizes.split(",")))
-        return 0
-    from .bench import run_bench
-    run_bench(device=args.device, batch_sizes=tuple(int(b) for b in args.batch_sizes.split(",")),
-              shape=args.shape, short=args.short, long=args.long, out=args.out,
-              hf_baseline=not args.no_transformers)
+    from .bench import BenchOptions, BenchUsageError, parse_batch_sizes
+    try:
+        batch_sizes = parse_batch_sizes(args.batch_sizes)
+        if args.command == "guard-bench":
+            from .guard_bench import run_guard_bench
+            run_guard_bench(device=args.device, shape=args.shape, out=args.out,
+                            batch_sizes=batch_sizes)
+            return 0
+        from .bench import run_bench
+        run_bench(BenchOptions(args.device, batch_sizes, args.shape, args.short, args.long,
+                               args.repeats, args.out, args.plot,
+                               () if args.no_transformers else
+                               tuple(p for p in args.peers.split(",") if p)))
+    except BenchUsageError as exc:
+        print(f"lockstep {args.command}: {exc}", file=sys.stderr)
+        return 2
     return 0
 
 

@@ -9,12 +9,13 @@ The same engine and workload run with ``EngineCore.step`` plain and under each m
   (``sync_guard.sampled``).
 
 Per engine mode and batch size: decode TPOT (from the difference of two generation lengths),
-best of ``repeats`` alternating runs, and the overhead over plain measured in the same phase.
+the median of ``repeats`` alternating runs, and the overhead over plain measured in the same
+phase.
 """
 from __future__ import annotations
 
 import json
-import tempfile
+import statistics
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -24,9 +25,8 @@ import torch
 import sync_guard
 from lockstep.engine import LLM
 from lockstep.engine.core import EngineCore
-from lockstep.engine.models.default import random_llama_weights, write_checkpoint
 
-from .bench import LLAMA_3_2_1B, TINY, engine_tpot
+from .bench import LLAMA_3_2_1B, TINY, engine_tpot, random_checkpoint
 
 # light leaves torch's process-wide sync check on (see sync_guard._light): the deep modes are
 # measured first, in a process where it was never armed, then light against its own "off".
@@ -66,9 +66,12 @@ def run_guard_bench(device: str = "cuda", batch_sizes: tuple[int, ...] = (1, 8),
                     repeats: int = 3, out: str | None = None) -> dict:
     config = LLAMA_3_2_1B if shape == "llama-3.2-1b" else TINY
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
-    workdir = Path(tempfile.mkdtemp(prefix="lockstep-guard-bench-"))
-    write_checkpoint(workdir, config, random_llama_weights(config, 0, std=0.02, device=device,
-                                                           dtype=dtype))
+    with random_checkpoint(config, device, dtype, "lockstep-guard-bench-") as workdir:
+        return _run(workdir, device, dtype, batch_sizes, shape, short, long, repeats, out)
+
+
+def _run(workdir: Path, device: str, dtype: torch.dtype, batch_sizes: tuple[int, ...],
+         shape: str, short: int, long: int, repeats: int, out: str | None) -> dict:
     results = {"device": torch.cuda.get_device_name() if device == "cuda" else "cpu",
                "date": time.strftime("%Y-%m-%d"), "shape": shape, "rows": []}
     llms = {engine_mode: LLM(model=str(workdir), device=device, dtype=dtype,
@@ -80,12 +83,13 @@ def run_guard_bench(device: str = "cuda", batch_sizes: tuple[int, ...] = (1, 8),
     rows = {(m, b): {"mode": m, "batch": b} for m in llms for b in batch_sizes}
     for phase in PHASES:
         for (engine_mode, batch), row in rows.items():
-            best: dict[str, float] = {}
+            samples: dict[str, list[float]] = {mode: [] for mode in phase}
             for _ in range(repeats):  # alternate the modes: drift hits all alike
                 for mode in phase:
                     with guarded_steps(mode):
-                        tpot = engine_tpot(llms[engine_mode], batch, short, long)[0]
-                    best[mode] = min(best.get(mode, tpot), tpot)
+                        samples[mode].append(engine_tpot(llms[engine_mode], batch, short,
+                                                         long)[0])
+            best = {mode: statistics.median(values) for mode, values in samples.items()}
             row["tpot_ms_off" if "tpot_ms_off" not in row else "tpot_ms_off_light_phase"] = \
                 best["off"] * 1e3
             for mode in phase[1:]:

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import json
 import statistics
-import tempfile
 import time
 from pathlib import Path
 
@@ -34,13 +33,15 @@ METRICS = {"async_over_floor": "lower", "async_speedup": "higher"}
 
 
 def measure(reps: int = REPS) -> dict:
-    from lockstep.engine import LLM
-    from lockstep.engine.models.default import random_llama_weights, write_checkpoint
+    from .bench import LLAMA_3_2_1B, random_checkpoint
+    with random_checkpoint(LLAMA_3_2_1B, "cuda", torch.bfloat16, "lockstep-perf-") as workdir:
+        return _measure(workdir, reps)
 
-    from .bench import LLAMA_3_2_1B, copy_bandwidth, engine_tpot
-    workdir = Path(tempfile.mkdtemp(prefix="lockstep-perf-"))
-    write_checkpoint(workdir, LLAMA_3_2_1B, random_llama_weights(
-        LLAMA_3_2_1B, 0, std=0.02, device="cuda", dtype=torch.bfloat16))
+
+def _measure(workdir: Path, reps: int) -> dict:
+    from lockstep.engine import LLM
+
+    from .bench import copy_bandwidth, engine_tpot
     floor_ms = (workdir / "model.safetensors").stat().st_size / copy_bandwidth("cuda") * 1e3
     engines = {mode: LLM(model=str(workdir), device="cuda", dtype=torch.bfloat16,
                          async_scheduling=mode == "async", max_num_seqs=1, max_model_len=256,
