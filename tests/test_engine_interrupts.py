@@ -26,7 +26,7 @@ from lockstep.engine.core import EngineBrokenError
 from lockstep.engine.model_runner import ModelRunner
 
 TARGETS = [(False, "eager"), (True, "eager"), (False, "lazy"), (True, "lazy"),
-           (False, "threaded"), (True, "threaded")]
+           (False, "threaded"), (True, "threaded"), (False, "skewed"), (True, "skewed")]
 PROMPTS = [[5 + i, 7, 11 + 3 * i, 2] for i in range(5)]
 PARAMS = [SamplingParams(temperature=0.7, seed=i, max_tokens=24, ignore_eos=True,
                          presence_penalty=0.3 * (i % 2)) for i in range(5)]
@@ -130,10 +130,13 @@ def test_a_second_sigint_interrupts_at_once_and_never_corrupts(async_scheduling,
     assert sum(outcomes.values()) == 12, outcomes
 
 
-def test_a_keyboard_interrupt_raised_in_device_work_reaches_the_caller(monkeypatch, reference):
-    """On threaded sim the device work runs in a worker thread: its KeyboardInterrupt must not
-    become an "error" output; it reaches the caller, and the engine stays usable."""
-    llm = make_llm(True, "threaded")
+@pytest.mark.parametrize("async_scheduling,policy", TARGETS)
+def test_a_keyboard_interrupt_raised_in_device_work_reaches_the_caller(monkeypatch, reference,
+                                                                       async_scheduling, policy):
+    """On threaded sim the device work runs in a worker thread, on lazy whenever the host
+    waits: its KeyboardInterrupt must not become an "error" output; it reaches the caller, and
+    the engine stays usable."""
+    llm = make_llm(async_scheduling, policy)
     real, calls = ModelRunner._device_step, {"n": 0}
 
     def interrupted(self, *args):
@@ -150,8 +153,11 @@ def test_a_keyboard_interrupt_raised_in_device_work_reaches_the_caller(monkeypat
     assert [o.token_ids for o in llm.generate(PROMPTS, PARAMS)] == reference
 
 
-def test_an_interrupt_where_no_phase_can_clean_up_marks_the_engine_broken(monkeypatch):
-    llm = make_llm(True, "lazy")
+@pytest.mark.parametrize("async_scheduling,policy", [(False, "eager"), (True, "lazy")])
+def test_an_interrupt_where_no_phase_can_clean_up_marks_the_engine_broken(monkeypatch,
+                                                                          async_scheduling,
+                                                                          policy):
+    llm = make_llm(async_scheduling, policy)
 
     def interrupted(self):
         raise KeyboardInterrupt
@@ -167,8 +173,9 @@ def test_an_interrupt_where_no_phase_can_clean_up_marks_the_engine_broken(monkey
             call()
 
 
-def test_a_second_thread_gets_a_clear_error_at_once(reference):
-    llm = make_llm(True, "threaded")
+@pytest.mark.parametrize("async_scheduling,policy", TARGETS)
+def test_a_second_thread_gets_a_clear_error_at_once(reference, async_scheduling, policy):
+    llm = make_llm(async_scheduling, policy)
     inside, release = threading.Event(), threading.Event()
     real = llm.engine._step
 
@@ -198,8 +205,10 @@ def test_a_second_thread_gets_a_clear_error_at_once(reference):
     assert_idle(llm)
 
 
-def test_generate_tracks_only_its_own_requests_and_hands_the_rest_back(reference):
-    llm = make_llm(True, "lazy")
+@pytest.mark.parametrize("async_scheduling,policy", TARGETS)
+def test_generate_tracks_only_its_own_requests_and_hands_the_rest_back(reference,
+                                                                       async_scheduling, policy):
+    llm = make_llm(async_scheduling, policy)
     engine = llm.engine
     engine.add_request("mine", PROMPTS[1], PARAMS[1])
     engine.add_request("gen1-0", PROMPTS[2], PARAMS[2])  # an id generate's scheme would pick
@@ -214,8 +223,10 @@ def test_generate_tracks_only_its_own_requests_and_hands_the_rest_back(reference
     assert_idle(llm)
 
 
-def test_generate_adds_nothing_unless_every_prompt_and_parameter_is_valid():
-    llm = make_llm(True, "eager")
+@pytest.mark.parametrize("async_scheduling,policy", TARGETS)
+def test_generate_adds_nothing_unless_every_prompt_and_parameter_is_valid(async_scheduling,
+                                                                          policy):
+    llm = make_llm(async_scheduling, policy)
     llm.engine.add_request("mine", PROMPTS[0], PARAMS[0])
     for prompts, params in (([PROMPTS[0], [1, 2], [1, 10**6]], PARAMS[:3]),
                             (PROMPTS[:2], [PARAMS[0], "greedy"]),

@@ -618,10 +618,13 @@ def test_top_logprobs_order_ties_by_token_id_whatever_k():
         assert values.shape == (1, k)
 
 
-def test_a_requests_logprobs_are_the_same_alone_and_beside_a_larger_k():
+@pytest.mark.parametrize("async_scheduling,policy", [
+    (a, p) for a in (False, True) for p in ("eager", "lazy", "threaded", "skewed")])
+def test_a_requests_logprobs_are_the_same_alone_and_beside_a_larger_k(async_scheduling, policy):
     prompt = [5, 9, 2, 7]
     mine = SamplingParams(temperature=0.8, seed=4, max_tokens=12, logprobs=1, ignore_eos=True)
     wide = SamplingParams(temperature=0, max_tokens=12, logprobs=7, ignore_eos=True)
     [alone] = LLM(model="oracle").generate([prompt], mine)
-    beside = LLM(model="oracle", async_scheduling=True).generate([[3, 3], prompt], [wide, mine])[1]
+    beside = LLM(model="oracle", device="sim", sim_policy=policy,
+                 async_scheduling=async_scheduling).generate([[3, 3], prompt], [wide, mine])[1]
     assert beside.logprobs == alone.logprobs and beside.token_ids == alone.token_ids
