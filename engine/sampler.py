@@ -55,6 +55,27 @@ def filter_top_k_top_p_min_p(logits: torch.Tensor, s: SamplingInputs) -> torch.T
     return torch.empty_like(logits).scatter_(-1, order, sorted_logits)
 
 
+def _groups(vocab: int) -> int:
+    """The largest divisor of ``vocab`` in [64, 512], or 1 (small or prime-ish vocabularies)."""
+    for g in range(512, 63, -1):
+        if vocab % g == 0 and vocab // g >= 64:
+            return g
+    return 1
+
+
+def first_argmax(x: torch.Tensor) -> torch.Tensor:
+    """``x.argmax(-1)`` of ``[B, V]`` (the first maximum; a NaN wins, as there) in two stages:
+    per group of columns, then across the groups. One reduce over a 128k vocabulary is a single
+    thread block per row on CUDA (28 µs at batch 1 on an H200); the grouped one fills the GPU."""
+    rows, vocab = x.shape
+    groups = _groups(vocab)
+    if groups == 1:
+        return x.argmax(-1)
+    best, within = x.view(rows, groups, vocab // groups).max(-1)
+    group = best.argmax(-1, keepdim=True)
+    return (within.gather(-1, group) + group * (vocab // groups))[:, 0]
+
+
 def top_logprobs(logprobs: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The ``k`` largest per row, ties in token-id order.
 
@@ -74,13 +95,13 @@ def sample(logits: torch.Tensor, s: SamplingInputs, output_counts: torch.Tensor,
     if s.banned_rows.numel():
         logits = logits.index_put((s.banned_rows, s.banned_tokens),
                                   logits.new_full((), float("-inf")))
-    tokens = logits.argmax(-1)
+    tokens = first_argmax(logits)
     if s.any_random:
         greedy = s.temperature == 0
         scaled = logits / torch.where(greedy, 1.0, s.temperature)[:, None]
         scaled = filter_top_k_top_p_min_p(scaled, s)
         gumbel = -torch.log(-torch.log(uniform_noise(s.keys, s.out_pos, logits.shape[-1])))
-        tokens = torch.where(greedy, tokens, (scaled + gumbel).argmax(-1))
+        tokens = torch.where(greedy, tokens, first_argmax(scaled + gumbel))
     if raw_logprobs is None:
         return SamplerOutput(tokens, None, None, None)
     top_lp, top_ids = top_logprobs(raw_logprobs, s.max_logprobs)

@@ -628,3 +628,18 @@ def test_a_requests_logprobs_are_the_same_alone_and_beside_a_larger_k(async_sche
     beside = LLM(model="oracle", device="sim", sim_policy=policy,
                  async_scheduling=async_scheduling).generate([[3, 3], prompt], [wide, mine])[1]
     assert beside.logprobs == alone.logprobs and beside.token_ids == alone.token_ids
+
+
+@pytest.mark.parametrize("device", ["cpu"] + (["cuda"] if torch.cuda.is_available() else []))
+@pytest.mark.parametrize("vocab", [512, 128256, 32000, 151936, 50257])
+def test_the_two_stage_argmax_is_argmax_with_ties_and_nans(vocab, device):
+    from lockstep.engine.sampler import first_argmax
+    gen = torch.Generator().manual_seed(vocab)
+    x = torch.randn(6, vocab, generator=gen).to(device)
+    x[1, [7, vocab - 1, vocab // 2]] = 50.0               # ties: the first wins
+    x[2] = 0.0                                            # all equal: index 0
+    x[3, [vocab - 3, 11]] = float("nan")                  # a NaN wins, the first of them
+    x[4, -1] = float("inf")
+    x[5, :] = float("-inf")
+    assert first_argmax(x).tolist() == x.argmax(-1).tolist()
+    assert first_argmax(x)[1] == 7 and first_argmax(x)[2] == 0
