@@ -209,9 +209,9 @@ class EngineCore:
         A failure inside a phase (schedule, launch, device work, collect) ends the requests it
         touched with finish reason "error" (the cause in ``RequestOutput.error``) and returns
         their blocks, slots and placeholders; the engine goes on serving the rest. An interrupt
-        (KeyboardInterrupt, or any BaseException) reaches the caller; if it struck where no
-        phase could clean up, the engine is marked broken and every later call raises
-        :class:`EngineBrokenError`.
+        (KeyboardInterrupt, or any BaseException) reaches the caller; unless it came from one
+        step's device work, it may have struck the host mid-update, so the engine is marked
+        broken and every later call raises :class:`EngineBrokenError`.
         """
         self.ensure_usable()
         with self.exclusive("EngineCore.step"):
@@ -270,8 +270,11 @@ class EngineCore:
 
     def _contain(self, exc: BaseException, phase: str, step: int, requests: list) -> None:
         """End ``requests`` with "error" (their outputs go out with the next step's) and free
-        what they hold. An Exception is then handled; anything else (an interrupt, a guard
-        finding) is re-raised, marked as contained: the engine is consistent."""
+        what they hold. An Exception is then handled; a guard finding, or an interrupt that
+        struck inside one step's device work (the device layer says so), is re-raised marked
+        as contained: the engine is consistent. An interrupt that struck the host anywhere else
+        (a second SIGINT) may have cut any of the engine's or the device layer's updates in
+        half: it is re-raised unmarked, and ``step`` marks the engine broken."""
         guard = isinstance(exc, GuardError)
         if isinstance(exc, Exception) and not guard:
             logger.warning("step %d failed in %s: %s: %s", step, phase, type(exc).__name__, exc)
@@ -284,7 +287,8 @@ class EngineCore:
             out.error = error
             self._pending_outputs.append(out)
         if guard or not isinstance(exc, Exception):
-            exc.lockstep_contained = True
+            if guard or getattr(exc, "lockstep_device_fault", False):
+                exc.lockstep_contained = True
             raise exc
 
     def _pending_outputs_now(self) -> list[RequestOutput]:

@@ -181,6 +181,7 @@ class SimStream:
         """Report device work's failure to the host: an interrupt (any BaseException that is not
         an Exception) as itself; an error as a RuntimeError naming the step and the cause."""
         if not isinstance(error, Exception):
+            error.lockstep_device_fault = True  # raised inside one step's device work
             raise error
         step = "" if fault is None or fault.step is None else f" of step {fault.step}"
         raise RuntimeError(f"device work{step} on sim stream {self.name!r} failed: "
