@@ -191,7 +191,8 @@ def run_scenario(sc: RaceScenario, cycles: int) -> dict:
     import sync_guard
     row = {"name": sc.name, "direction": sc.direction, "access": sc.access, "fence": sc.fence,
            "stream": sc.stream, "racy": sc.racy, "must_detect": sc.must_detect, "note": sc.note,
-           "detected": None, "report": None, "light": None, "light_report": None, "corruption_observed": None, "error": None}
+           "detected": None, "report": None, "light": None, "light_report": None,
+           "corruption_observed": None, "error": None}
     setup = _h2d if sc.direction == "h2d" else _d2h
     try:
         body, observe = setup(sc, cycles)  # the effect, with no checker armed
