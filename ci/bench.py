@@ -24,7 +24,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -179,21 +179,35 @@ def timed_generate(llm: LLM, batch: int, n: int) -> tuple[float, int, int]:
     return (end - start) / 1e9, start, end
 
 
-def engine_tpot(llm: LLM, batch: int, short: int, long: int) -> tuple[float, float, dict]:
-    """(s per output token, GPU busy fraction, mean host ms per phase) of one measurement:
-    the difference of the medians of three short and three long runs, alternated, after a
-    warm-up. Never negative: NoisyMeasurement when the long runs were not the slower."""
-    timed_generate(llm, batch, short)  # warm-up
+def tpot_of(run: Callable[[int], float], short: int, long: int, what: str) -> float:
+    """Seconds per output token from ``run(n)`` (seconds for n tokens): the difference of the
+    medians of three short and three long runs, alternated. Never negative: NoisyMeasurement
+    when the long runs were not the slower."""
     shorts, longs = [], []
     for _ in range(3):
-        shorts.append(timed_generate(llm, batch, short)[0])
-        t_long, start_ns, end_ns = timed_generate(llm, batch, long)
-        longs.append(t_long)
+        shorts.append(run(short))
+        longs.append(run(long))
     tpot = (statistics.median(longs) - statistics.median(shorts)) / (long - short)
     if tpot <= 0:
-        raise NoisyMeasurement(f"batch {batch}: {long} tokens took no longer than {short} "
-                               f"(medians {statistics.median(longs):.4f} s vs "
+        raise NoisyMeasurement(f"{what}: {long} tokens took no longer than {short} (medians "
+                               f"{statistics.median(longs):.4f} s vs "
                                f"{statistics.median(shorts):.4f} s): raise --long")
+    return tpot
+
+
+def engine_tpot(llm: LLM, batch: int, short: int, long: int) -> tuple[float, float, dict]:
+    """(s per output token, GPU busy fraction, mean host ms per phase) of one measurement
+    (:func:`tpot_of` after a warm-up); busy and host times are those of the last long run."""
+    window: list[int] = []
+
+    def run(n: int) -> float:
+        seconds, start_ns, end_ns = timed_generate(llm, batch, n)
+        window[:] = [start_ns, end_ns]
+        return seconds
+
+    run(short)  # warm-up
+    tpot = tpot_of(run, short, long, f"batch {batch}")
+    start_ns, end_ns = window
     timeline = llm.engine.timeline
     host: dict[str, list[int]] = {}
     for span in timeline.host_spans:
@@ -229,14 +243,7 @@ def transformers_tpot(path: str, device: str, batch: int, short: int, long: int,
 
     run(short)  # warm-up (and, with a static cache, compilation)
     run(long)
-    shorts, longs = [], []
-    for _ in range(3):
-        shorts.append(run(short))
-        longs.append(run(long))
-    tpot = (statistics.median(longs) - statistics.median(shorts)) / (long - short)
-    if tpot <= 0:
-        raise NoisyMeasurement(f"transformers batch {batch}: the long runs were not slower")
-    return tpot
+    return tpot_of(run, short, long, f"transformers batch {batch}")
 
 
 def run_bench(opts: BenchOptions) -> dict:

@@ -84,7 +84,6 @@ class EngineCore:
         self._queue_depth = 2 if config.async_scheduling else 1
         self._owner_lock = threading.Lock()
         self._owner: tuple[int, str, str] | None = None  # (thread id, call, thread name)
-        self.in_step = False
         self.broken: str | None = None  # why the engine can no longer be used
 
     def check_request(self, prompt_token_ids: object, params: object) -> list[int]:
@@ -116,9 +115,8 @@ class EngineCore:
     def add_request(self, request_id: str, prompt_token_ids: list[int],
                     sampling_params: SamplingParams) -> None:
         self.ensure_usable()
-        with self.exclusive("EngineCore.add_request"):
-            self._add(request_id, self.check_request(prompt_token_ids, sampling_params),
-                      sampling_params)
+        self.add_checked_request(request_id, self.check_request(prompt_token_ids, sampling_params),
+                                 sampling_params)
 
     def check_request_id(self, request_id: object) -> None:
         if not isinstance(request_id, str) or not request_id:
@@ -127,8 +125,14 @@ class EngineCore:
             raise ValueError(f"request_id={request_id!r} is already in use by an unfinished "
                              f"request")
 
+    def add_checked_request(self, request_id: str, prompt: list[int],
+                            params: SamplingParams) -> None:
+        """``add_request`` for a prompt that ``check_request`` returned (not checked again)."""
+        self.ensure_usable()
+        with self.exclusive("EngineCore.add_request"):
+            self._add(request_id, prompt, params)
+
     def _add(self, request_id: str, prompt: list[int], params: SamplingParams) -> None:
-        """Add a request whose prompt and parameters were checked."""
         self.check_request_id(request_id)
         if params.seed is not None:
             key = seed_key(params.seed)
@@ -158,12 +162,10 @@ class EngineCore:
             while self._in_flight:
                 self._pending_outputs += self._collect()
 
-    def take_outputs(self, request_ids: set[str]) -> list[RequestOutput]:
-        """Remove and return the pending outputs of ``request_ids`` (the others stay)."""
-        taken = [o for o in self._pending_outputs if o.request_id in request_ids]
+    def drop_outputs(self, request_ids: set[str]) -> None:
+        """Forget the pending outputs of ``request_ids`` (the others stay)."""
         self._pending_outputs = [o for o in self._pending_outputs
                                  if o.request_id not in request_ids]
-        return taken
 
     def put_back(self, outputs: list[RequestOutput]) -> None:
         """Outputs taken by a caller that does not own them: the next ``step`` returns them."""
@@ -215,16 +217,14 @@ class EngineCore:
         """
         self.ensure_usable()
         with self.exclusive("EngineCore.step"):
-            self.in_step = True
             try:
                 return self._step()
-            except BaseException as exc:
-                if not getattr(exc, "lockstep_contained", False):
+            except BaseException as exc:  # _contain re-raised it, or nothing could contain it
+                if not (isinstance(exc, GuardError)
+                        or getattr(exc, "lockstep_device_fault", False)):
                     self.broken = (f"{type(exc).__name__} ({exc}) escaped step "
                                    f"{self.num_steps} where it could not be contained")
                 raise
-            finally:
-                self.in_step = False
 
     def _step(self) -> list[RequestOutput]:
         outputs, self._pending_outputs = self._pending_outputs, []
@@ -270,11 +270,11 @@ class EngineCore:
 
     def _contain(self, exc: BaseException, phase: str, step: int, requests: list) -> None:
         """End ``requests`` with "error" (their outputs go out with the next step's) and free
-        what they hold. An Exception is then handled; a guard finding, or an interrupt that
-        struck inside one step's device work (the device layer says so), is re-raised marked
-        as contained: the engine is consistent. An interrupt that struck the host anywhere else
-        (a second SIGINT) may have cut any of the engine's or the device layer's updates in
-        half: it is re-raised unmarked, and ``step`` marks the engine broken."""
+        what they hold. An Exception is then handled; anything else is re-raised. ``step`` keeps
+        the engine usable after a guard finding or an interrupt that struck inside one step's
+        device work (the device layer marks it); an interrupt that struck the host anywhere
+        else (a second SIGINT) may have cut any of the engine's or the device layer's updates
+        in half, so the engine is marked broken."""
         guard = isinstance(exc, GuardError)
         if isinstance(exc, Exception) and not guard:
             logger.warning("step %d failed in %s: %s: %s", step, phase, type(exc).__name__, exc)
@@ -287,8 +287,6 @@ class EngineCore:
             out.error = error
             self._pending_outputs.append(out)
         if guard or not isinstance(exc, Exception):
-            if guard or getattr(exc, "lockstep_device_fault", False):
-                exc.lockstep_contained = True
             raise exc
 
     def _pending_outputs_now(self) -> list[RequestOutput]:

@@ -114,7 +114,7 @@ class LLM:
                 break
         try:
             for rid, ids, p in zip(own, prompts, params):
-                engine.add_request(rid, ids, p)
+                engine.add_checked_request(rid, ids, p)
         except BaseException:
             self._abandon(own)
             raise
@@ -125,7 +125,7 @@ class LLM:
         for rid in own:
             self.engine.abort_request(rid)
         self.engine.settle()
-        self.engine.take_outputs(set(own))
+        self.engine.drop_outputs(set(own))
 
     def _run(self, own: list[str], interrupted: list[bool]) -> list[RequestOutput]:
         wanted, final = set(own), {}

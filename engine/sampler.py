@@ -7,6 +7,7 @@ it runs in, on preemption, or on an extra async step. Nothing here reads device 
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -55,6 +56,7 @@ def filter_top_k_top_p_min_p(logits: torch.Tensor, s: SamplingInputs) -> torch.T
     return torch.empty_like(logits).scatter_(-1, order, sorted_logits)
 
 
+@functools.lru_cache(maxsize=None)
 def _groups(vocab: int) -> int:
     """The largest divisor of ``vocab`` in [64, 512], or 1 (small or prime-ish vocabularies)."""
     for g in range(512, 63, -1):

@@ -124,7 +124,6 @@ class _Frame:
 
 
 _current: ContextVar[_Frame | None] = ContextVar("sync_guard_scope", default=None)
-_armed_threads = threading.local()  # per-thread count of scopes using the dispatch mode
 
 
 def armed() -> bool:

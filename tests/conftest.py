@@ -7,6 +7,7 @@ import weakref
 import pytest
 import torch
 
+from lockstep.engine import RequestOutput
 from lockstep.engine.core import EngineCore
 
 _LIVE_ENGINES: "weakref.WeakSet[EngineCore]" = weakref.WeakSet()
@@ -19,6 +20,19 @@ def _tracking_init(self, *args, **kwargs):
 
 
 EngineCore.__init__ = _tracking_init
+
+
+def drain(engine: EngineCore, max_steps: int = 1000) -> dict[str, RequestOutput]:
+    """Step until idle; the final output of every request that finished, each seen once."""
+    final: dict[str, RequestOutput] = {}
+    for _ in range(max_steps):
+        if not engine.has_unfinished_requests():
+            return final
+        for out in engine.step():
+            if out.finished:
+                assert out.request_id not in final, f"{out.request_id} finished twice"
+                final[out.request_id] = out
+    pytest.fail(f"the engine did not become idle in {max_steps} steps")
 
 
 def pytest_collection_modifyitems(config, items):

@@ -13,9 +13,10 @@ import re
 import pytest
 import torch
 
-from lockstep.engine import LLM, RequestOutput, SamplingParams
-from lockstep.engine.core import EngineCore
+from lockstep.engine import LLM, SamplingParams
 from lockstep.engine.models.default import DEFAULT_CONFIG, random_llama_weights, write_checkpoint
+
+from conftest import drain
 
 VOCAB = 512  # the oracle's
 MAX_MODEL_LEN = 64
@@ -51,19 +52,6 @@ def assert_still_serves(llm: LLM, expected: list[list[int]]) -> None:
     assert [out.token_ids for out in outs] == expected
     assert [out.finish_reason for out in outs] == ["length"] * len(expected)
     assert_idle_and_empty(llm)
-
-
-def drain(engine: EngineCore) -> dict[str, RequestOutput]:
-    """Step until idle; the final output of every request that finished, each seen once."""
-    final: dict[str, RequestOutput] = {}
-    for _ in range(1000):
-        if not engine.has_unfinished_requests():
-            return final
-        for out in engine.step():
-            if out.finished:
-                assert out.request_id not in final, f"{out.request_id} finished twice"
-                final[out.request_id] = out
-    pytest.fail("the engine did not become idle")
 
 
 def refused(call, field: str) -> ValueError:

@@ -24,6 +24,8 @@ from lockstep.engine.input_batch import InputBatch
 from lockstep.engine.model_runner import DeviceResult, ModelRunner, PendingOutput
 from lockstep.engine.scheduler import Scheduler
 
+from conftest import drain
+
 PHASES = {"schedule": (Scheduler, "schedule"), "prepare": (InputBatch, "prepare"),
           "device": (ModelRunner, "_device_step"), "fill": (DeviceResult, "fill"),
           "collect": (PendingOutput, "get_output"), "update": (Scheduler, "update_from_output")}
@@ -66,15 +68,7 @@ def workload(seed: int) -> list[tuple[str, list[int], SamplingParams]]:
 def run(engine: EngineCore, requests) -> dict:
     for rid, prompt, params in requests:
         engine.add_request(rid, prompt, params)
-    final = {}
-    for _ in range(500):
-        if not engine.has_unfinished_requests():
-            return final
-        for out in engine.step():
-            if out.finished:
-                assert out.request_id not in final, f"{out.request_id} finished twice"
-                final[out.request_id] = out
-    raise AssertionError("the engine did not drain in 500 steps")
+    return drain(engine, max_steps=500)
 
 
 def assert_nothing_held(engine: EngineCore) -> None:
