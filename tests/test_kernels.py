@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lockstep.engine.kernels import decode_matmul, rms_norm, rope_kv, silu_mul
+from lockstep.engine.kernels import rms_norm, rope_kv, silu_mul
 from lockstep.engine.kernels.decode_attention import decode_attention
 from lockstep.engine.models.attention import AttentionMetadata, torch_paged_attention
 
@@ -97,63 +97,3 @@ def test_decode_attention_matches_gather_and_sdpa(dtype, heads, kv_heads, dim, r
     poisoned[:, blocks[past], (key % block_size).expand(rows, -1)[past]] = float("nan")
     torch.testing.assert_close(decode_attention(q, poisoned, tables, positions[:, None],
                                                 dim ** -0.5), out, atol=0, rtol=0)
-
-
-def torch_norm_linear(x, residual, norm_weight, weight, bias, gated):
-    """The CPU path of ``norm_linear`` (``add_rms_norm``, ``F.linear``, ``silu_mul``)."""
-    cpu = [None if t is None else t.cpu() for t in (x, residual, norm_weight, weight, bias)]
-    return decode_matmul.norm_linear(*cpu[:3], 1e-5, *cpu[3:], gated=gated)
-
-
-MATMUL_SHAPES = [  # (rows, outputs, K): a decode row, split-K, a graph size, ragged N and K
-    (1, 3072, 2048), (1, 2048, 8192), (8, 2048, 2048), (64, 2048, 2048), (5, 1000, 1000)]
-
-
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("rows,n,k", MATMUL_SHAPES)
-@pytest.mark.parametrize("with_bias", [False, True])
-def test_decode_linear_matches_f_linear(dtype, rows, n, k, with_bias):
-    x = torch.randn(rows, k, dtype=dtype, device="cuda")
-    # the weight is a view whose columns past K are NaN: they are never read
-    padded = torch.full((n, k + 64), float("nan"), dtype=dtype, device="cuda")
-    weight = padded[:, :k]
-    weight.copy_(torch.randn(n, k, dtype=dtype, device="cuda") / k ** 0.5)
-    bias = torch.randn(n, dtype=dtype, device="cuda") if with_bias else None
-    out = decode_matmul.linear(x, weight, bias)
-    expected = torch.nn.functional.linear(x.cpu(), weight.cpu(),
-                                          None if bias is None else bias.cpu())
-    assert out.shape == (rows, n) and out.dtype == dtype
-    torch.testing.assert_close(out.cpu(), expected, **tolerance(dtype))
-
-
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("rows,n,k", MATMUL_SHAPES)
-@pytest.mark.parametrize("gated", [False, True])
-@pytest.mark.parametrize("with_residual", [False, True])
-def test_norm_linear_matches_add_rms_norm_then_linear(dtype, rows, n, k, gated, with_residual):
-    x = torch.randn(rows, k, dtype=dtype, device="cuda")
-    residual = torch.randn_like(x) if with_residual else None
-    norm_weight = torch.randn(k, dtype=dtype, device="cuda")
-    padded = torch.full((n * (2 if gated else 1), k + 64), float("nan"), dtype=dtype,
-                        device="cuda")
-    weight = padded[:, :k]
-    weight.copy_(torch.randn(weight.shape, dtype=dtype, device="cuda") / k ** 0.5)
-    bias = torch.randn(weight.shape[0], dtype=dtype, device="cuda")
-    expected, expected_residual = torch_norm_linear(x, residual, norm_weight, weight, bias, gated)
-    out, new_residual = decode_matmul.norm_linear(x, residual, norm_weight, 1e-5, weight, bias,
-                                                  gated=gated)
-    assert out.shape == (rows, n) and out.dtype == dtype
-    torch.testing.assert_close(out.cpu(), expected, **tolerance(dtype))
-    # the residual sum is rounded once, as the torch path rounds it: bit for bit
-    torch.testing.assert_close(new_residual.cpu(), expected_residual, atol=0, rtol=0)
-
-
-def test_decode_matmul_is_deterministic_and_leaves_large_batches_to_cublas():
-    x = torch.randn(1, 8192, dtype=torch.bfloat16, device="cuda")
-    weight = torch.randn(2048, 8192, dtype=torch.bfloat16, device="cuda")
-    assert decode_matmul.config(1, 2048, 8192, False, torch.bfloat16)["SPLIT_K"] > 1
-    first = decode_matmul.linear(x, weight)
-    assert all(torch.equal(decode_matmul.linear(x, weight), first) for _ in range(5))
-    big = torch.randn(decode_matmul.MAX_ROWS + 1, 2048, dtype=torch.bfloat16, device="cuda")
-    assert not decode_matmul.takes(big, weight[:, :2048])
-    assert decode_matmul.takes(big[:decode_matmul.MAX_ROWS], weight[:, :2048])

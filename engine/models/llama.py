@@ -7,9 +7,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..kernels.decode_matmul import linear, norm_linear
 from ..kernels.rms_norm import add_rms_norm
 from ..kernels.rope_kv import rope_and_cache
+from ..kernels.silu_mul import silu_mul
 from .attention import AttentionMetadata, paged_attention
 from .config import ModelConfig
 
@@ -57,19 +57,14 @@ class Attention(nn.Module):
         self.q_norm = RMSNorm(self.dim, cfg.rms_norm_eps) if cfg.qk_norm else None
         self.k_norm = RMSNorm(self.dim, cfg.rms_norm_eps) if cfg.qk_norm else None
 
-    def forward(self, x: torch.Tensor, residual: torch.Tensor | None, norm: RMSNorm,
-                cos: torch.Tensor, sin: torch.Tensor, cache: torch.Tensor,
-                meta: AttentionMetadata) -> tuple[torch.Tensor, torch.Tensor]:
-        """Attention of ``norm(x + residual)``; returns its output and the new residual."""
-        qkv, residual = norm_linear(x, residual, norm.weight, norm.eps, self.qkv_proj.weight,
-                                    self.qkv_proj.bias)
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: torch.Tensor,
+                meta: AttentionMetadata) -> torch.Tensor:
         norms = {} if self.q_norm is None else dict(
             q_norm=self.q_norm.weight, k_norm=self.k_norm.weight, eps=self.q_norm.eps)
-        q = rope_and_cache(qkv, cos, sin, cache, meta.slot_mapping, self.heads,
+        q = rope_and_cache(self.qkv_proj(x), cos, sin, cache, meta.slot_mapping, self.heads,
                            self.kv_heads, self.dim, **norms)
         out = paged_attention(q, cache, meta, self.dim ** -0.5)
-        return linear(out.reshape(-1, self.heads * self.dim), self.o_proj.weight,
-                      self.o_proj.bias), residual
+        return self.o_proj(out.reshape(-1, self.heads * self.dim))
 
 
 class MLP(nn.Module):
@@ -79,13 +74,8 @@ class MLP(nn.Module):
         self.gate_up_proj = nn.Linear(cfg.hidden_size, 2 * self.inter, bias=cfg.mlp_bias)
         self.down_proj = nn.Linear(self.inter, cfg.hidden_size, bias=cfg.mlp_bias)
 
-    def forward(self, x: torch.Tensor, residual: torch.Tensor, norm: RMSNorm,
-                ) -> tuple[torch.Tensor, torch.Tensor]:
-        """SwiGLU of ``norm(x + residual)``; returns its output and the new residual."""
-        hidden, residual = norm_linear(x, residual, norm.weight, norm.eps,
-                                       self.gate_up_proj.weight, self.gate_up_proj.bias,
-                                       gated=True)
-        return linear(hidden, self.down_proj.weight, self.down_proj.bias), residual
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(silu_mul(self.gate_up_proj(x)))
 
 
 class DecoderLayer(nn.Module):
@@ -98,8 +88,10 @@ class DecoderLayer(nn.Module):
 
     def forward(self, x, residual, cos, sin, cache, meta):
         """Sublayer output ``x`` of the previous layer and the residual stream before it."""
-        x, residual = self.self_attn(x, residual, self.input_layernorm, cos, sin, cache, meta)
-        return self.mlp(x, residual, self.post_attention_layernorm)
+        h, residual = self.input_layernorm(x, residual)
+        x = self.self_attn(h, cos, sin, cache, meta)
+        h, residual = self.post_attention_layernorm(x, residual)
+        return self.mlp(h), residual
 
 
 class LlamaForCausalLM(nn.Module):
