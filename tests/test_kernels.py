@@ -97,3 +97,48 @@ def test_decode_attention_matches_gather_and_sdpa(dtype, heads, kv_heads, dim, r
     poisoned[:, blocks[past], (key % block_size).expand(rows, -1)[past]] = float("nan")
     torch.testing.assert_close(decode_attention(q, poisoned, tables, positions[:, None],
                                                 dim ** -0.5), out, atol=0, rtol=0)
+
+
+def test_programmatic_launch_changes_no_bit_of_a_captured_layer(monkeypatch):
+    """The kernels of a decode layer, replayed from a CUDA graph with and without PDL: each
+    kernel reads what the one before it wrote, so a kernel that read before its wait would
+    differ. PDL is on wherever the GPU has it (sm_90 and later)."""
+    from lockstep.engine import kernels
+    q_heads, kv_heads, dim, rows, block_size = 32, 8, 64, 8, 16
+    cache = torch.randn(2, rows * 4 + 1, block_size, kv_heads, dim, dtype=torch.bfloat16,
+                        device="cuda")
+    tables = torch.arange(rows * 4, device="cuda").view(rows, 4)
+    positions = torch.randint(1, 4 * block_size, (rows,), device="cuda")
+    slots = tables.gather(1, (positions // block_size)[:, None])[:, 0] * block_size \
+        + positions % block_size
+    freqs = positions.float()[:, None] * torch.rand(dim // 2, device="cuda")
+    x = torch.randn(rows, q_heads * dim, dtype=torch.bfloat16, device="cuda")
+    w = torch.randn(q_heads * dim, dtype=torch.bfloat16, device="cuda")
+    qkv_weight = torch.randn((q_heads + 2 * kv_heads) * dim, q_heads * dim,
+                             dtype=torch.bfloat16, device="cuda") / 45
+
+    def layer():
+        layer_cache = cache.clone()
+        h, residual = rms_norm.add_rms_norm(x, None, w, 1e-5)
+        q = rope_kv.rope_and_cache(h @ qkv_weight.T, freqs.cos(), freqs.sin(), layer_cache,
+                                   slots, q_heads, kv_heads, dim)
+        out = decode_attention(q, layer_cache, tables, positions[:, None], dim ** -0.5)
+        h, residual = rms_norm.add_rms_norm(out.reshape(rows, -1), residual, w, 1e-5)
+        return silu_mul.silu_mul(h), layer_cache
+
+    def replayed():
+        layer()  # compile outside the capture
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            result = layer()
+        graph.replay()
+        torch.cuda.synchronize()
+        return result
+
+    assert kernels.programmatic_launch(x) == (torch.cuda.get_device_capability()[0] >= 9)
+    with_pdl = replayed()
+    monkeypatch.setattr(kernels, "PDL_ENABLED", False)
+    assert not kernels.programmatic_launch(x)
+    without = replayed()
+    for a, b in zip(with_pdl, without):
+        assert torch.equal(a, b)

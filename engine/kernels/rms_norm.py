@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from . import num_warps_for, tl, triton, use_triton
+from . import launch_then_wait, num_warps_for, programmatic_launch, tl, triton, use_triton
 
 
 def add_rms_norm(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor,
@@ -30,18 +30,21 @@ def _add_rms_norm_triton(x, residual, weight, eps):
     out = torch.empty_like(x)
     block = triton.next_power_of_2(n)
     has_residual = residual is not None
+    pdl = programmatic_launch(x)
     if has_residual:
         assert residual.is_contiguous() and residual.shape == x.shape
     _add_rms_norm_kernel[(rows,)](x, residual if has_residual else x, weight, out, n, eps,
-                                  HAS_RESIDUAL=has_residual, BLOCK=block,
-                                  num_warps=num_warps_for(block))
+                                  HAS_RESIDUAL=has_residual, BLOCK=block, PDL=pdl,
+                                  launch_pdl=pdl, num_warps=num_warps_for(block))
     return out, residual if has_residual else x
 
 
 if triton is not None:
     @triton.jit
     def _add_rms_norm_kernel(x_ptr, res_ptr, w_ptr, out_ptr, n_cols, eps,
-                             HAS_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr):
+                             HAS_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr,
+                             PDL: tl.constexpr):
+        launch_then_wait(PDL)
         row = tl.program_id(0).to(tl.int64)
         cols = tl.arange(0, BLOCK)
         mask = cols < n_cols

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from . import tl, triton, use_triton
+from . import launch_then_wait, programmatic_launch, tl, triton, use_triton
 
 
 def rope_and_cache(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: torch.Tensor,
@@ -27,10 +27,11 @@ def rope_and_cache(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cach
     q = qkv.new_empty(tokens, heads, dim)
     qk_norm = q_norm is not None
     half_pad = triton.next_power_of_2(dim // 2)
+    pdl = programmatic_launch(qkv)
     _rope_kv_kernel[(tokens, heads + kv_heads)](
         qkv, cos, sin, q_norm if qk_norm else cos, k_norm if qk_norm else cos, q, cache, slots,
         qkv.stride(0), cache.stride(0), eps, HEADS=heads, KV_HEADS=kv_heads, DIM=dim,
-        HALF_PAD=half_pad, QK_NORM=qk_norm, num_warps=1)
+        HALF_PAD=half_pad, QK_NORM=qk_norm, PDL=pdl, launch_pdl=pdl, num_warps=1)
     return q
 
 
@@ -63,7 +64,9 @@ if triton is not None:
     @triton.jit
     def _rope_kv_kernel(qkv_ptr, cos_ptr, sin_ptr, qw_ptr, kw_ptr, q_ptr, cache_ptr, slot_ptr,
                         qkv_stride, kv_plane, eps, HEADS: tl.constexpr, KV_HEADS: tl.constexpr,
-                        DIM: tl.constexpr, HALF_PAD: tl.constexpr, QK_NORM: tl.constexpr):
+                        DIM: tl.constexpr, HALF_PAD: tl.constexpr, QK_NORM: tl.constexpr,
+                        PDL: tl.constexpr):
+        launch_then_wait(PDL)
         tok = tl.program_id(0).to(tl.int64)
         head = tl.program_id(1)
         half = tl.arange(0, HALF_PAD)

@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from . import tl, triton, use_triton
+from . import launch_then_wait, programmatic_launch, tl, triton, use_triton
 
 BLOCK = 1024
 
@@ -18,14 +18,16 @@ def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
     gate_up = gate_up.contiguous()
     rows = gate_up.numel() // (2 * inter)
     out = gate_up.new_empty(*gate_up.shape[:-1], inter)
+    pdl = programmatic_launch(gate_up)
     _silu_mul_kernel[(rows, triton.cdiv(inter, BLOCK))](gate_up, out, inter, BLOCK=BLOCK,
-                                                        num_warps=4)
+                                                        PDL=pdl, launch_pdl=pdl, num_warps=4)
     return out
 
 
 if triton is not None:
     @triton.jit
-    def _silu_mul_kernel(x_ptr, out_ptr, inter, BLOCK: tl.constexpr):
+    def _silu_mul_kernel(x_ptr, out_ptr, inter, BLOCK: tl.constexpr, PDL: tl.constexpr):
+        launch_then_wait(PDL)
         row = tl.program_id(0).to(tl.int64)
         cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
         mask = cols < inter
