@@ -71,32 +71,60 @@ def test_rope_and_cache(dtype, qk_norm, dim):
     assert cache.abs().sum() > 0
 
 
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("heads,kv_heads,dim", [(32, 8, 64), (4, 4, 128), (12, 2, 80)])
-@pytest.mark.parametrize("rows", [4, 40])  # keys split across programs, and not
-def test_decode_attention_matches_gather_and_sdpa(dtype, heads, kv_heads, dim, rows):
-    block_size, max_blocks = 16, 12
-    num_blocks = rows * max_blocks
-    cache = torch.randn(2, num_blocks, block_size, kv_heads, dim, dtype=dtype, device="cuda")
-    # rows of length 1, a partial block, exactly one block, and long scattered tables
+def decode_case(rows, heads, kv_heads, dim, dtype, block_size=16, max_blocks=12):
+    """A decode step's inputs: one new token per row at a random position (0 and ends of blocks
+    among them), its cache slot in a shuffled block table, and random cache contents."""
+    cache = torch.randn(2, rows * max_blocks + 1, block_size, kv_heads, dim, dtype=dtype,
+                        device="cuda")
     positions = torch.tensor(([0, 9, 15, 180] * rows)[:rows], device="cuda")
     positions[4:] = torch.randint(0, max_blocks * block_size, (rows - 4,), device="cuda")
-    tables = torch.randperm(num_blocks, device="cuda").view(rows, max_blocks)
-    q = torch.randn(rows, heads, dim, dtype=dtype, device="cuda")
-    meta = AttentionMetadata(positions, tables, torch.arange(rows, device="cuda"),
-                             torch.zeros(rows, dtype=torch.long, device="cuda"),
-                             positions[:, None], 1, max_blocks * block_size)
-    expected = torch_paged_attention(q, cache, meta, dim ** -0.5)
-    out = decode_attention(q, cache, tables, positions[:, None], dim ** -0.5)
+    tables = torch.randperm(rows * max_blocks, device="cuda").view(rows, max_blocks)
+    slots = tables.gather(1, (positions // block_size)[:, None])[:, 0] * block_size \
+        + positions % block_size
+    qkv = torch.randn(rows, (heads + 2 * kv_heads) * dim, dtype=dtype, device="cuda")
+    inv_freq = 1.0 / (10000 ** (torch.arange(0, dim, 2, device="cuda").float() / dim))
+    freqs = positions.float()[:, None] * inv_freq
+    return dict(qkv=qkv, cos=freqs.cos(), sin=freqs.sin(), cache=cache, slots=slots,
+                block_tables=tables, positions=positions[:, None])
+
+
+def rope_then_torch_attention(case, heads, kv_heads, dim, norms):
+    """The unfused path: rope_and_cache's torch version, then gather + SDPA."""
+    cache = case["cache"].clone()
+    q = rope_kv._rope_and_cache_torch(case["qkv"], case["cos"], case["sin"], cache,
+                                      case["slots"], heads, kv_heads, dim, norms.get("q_norm"),
+                                      norms.get("k_norm"), 1e-6)
+    rows, positions = q.shape[0], case["positions"]
+    meta = AttentionMetadata(case["slots"], case["block_tables"], torch.arange(rows,
+                             device="cuda"), torch.zeros(rows, dtype=torch.long, device="cuda"),
+                             positions, 1, case["block_tables"].shape[1] * cache.shape[2])
+    return torch_paged_attention(q, cache, meta, dim ** -0.5), cache
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("heads,kv_heads,dim", [(32, 8, 64), (4, 4, 128), (12, 2, 80)])
+@pytest.mark.parametrize("rows", [4, 300])  # keys split across programs, and not
+@pytest.mark.parametrize("qk_norm", [False, True])
+def test_decode_attention_matches_rope_then_gather_and_sdpa(dtype, heads, kv_heads, dim, rows,
+                                                            qk_norm):
+    case = decode_case(rows, heads, kv_heads, dim, dtype)
+    norms = {} if not qk_norm else dict(q_norm=torch.randn(dim, dtype=dtype, device="cuda"),
+                                        k_norm=torch.randn(dim, dtype=dtype, device="cuda"))
+    expected, expected_cache = rope_then_torch_attention(case, heads, kv_heads, dim, norms)
+    cache = case["cache"].clone()
+    out = decode_attention(**dict(case, cache=cache), heads=heads, kv_heads=kv_heads, dim=dim,
+                           scale=dim ** -0.5, eps=1e-6, **norms)
     torch.testing.assert_close(out, expected, **tolerance(dtype))
-    # keys past a row's position are never read: poisoning them changes nothing
-    poisoned = cache.clone()
-    key = torch.arange(max_blocks * block_size, device="cuda")
-    past = key[None, :] > positions[:, None]  # [rows, keys]
+    torch.testing.assert_close(cache, expected_cache, **tolerance(dtype))  # the new k and v
+    # keys past a row's position, and its own slot's old contents, are never read
+    block_size, tables, positions = cache.shape[2], case["block_tables"], case["positions"]
+    key = torch.arange(tables.shape[1] * block_size, device="cuda")
+    unread = key[None, :] >= positions  # [rows, keys]
     blocks = tables.gather(1, (key // block_size).expand(rows, -1))
-    poisoned[:, blocks[past], (key % block_size).expand(rows, -1)[past]] = float("nan")
-    torch.testing.assert_close(decode_attention(q, poisoned, tables, positions[:, None],
-                                                dim ** -0.5), out, atol=0, rtol=0)
+    poisoned = case["cache"].clone()
+    poisoned[:, blocks[unread], (key % block_size).expand(rows, -1)[unread]] = float("nan")
+    assert decode_attention(**dict(case, cache=poisoned), heads=heads, kv_heads=kv_heads,
+                            dim=dim, scale=dim ** -0.5, eps=1e-6, **norms).equal(out)
 
 
 def test_programmatic_launch_changes_no_bit_of_a_captured_layer(monkeypatch):
@@ -104,25 +132,18 @@ def test_programmatic_launch_changes_no_bit_of_a_captured_layer(monkeypatch):
     kernel reads what the one before it wrote, so a kernel that read before its wait would
     differ. PDL is on wherever the GPU has it (sm_90 and later)."""
     from lockstep.engine import kernels
-    q_heads, kv_heads, dim, rows, block_size = 32, 8, 64, 8, 16
-    cache = torch.randn(2, rows * 4 + 1, block_size, kv_heads, dim, dtype=torch.bfloat16,
-                        device="cuda")
-    tables = torch.arange(rows * 4, device="cuda").view(rows, 4)
-    positions = torch.randint(1, 4 * block_size, (rows,), device="cuda")
-    slots = tables.gather(1, (positions // block_size)[:, None])[:, 0] * block_size \
-        + positions % block_size
-    freqs = positions.float()[:, None] * torch.rand(dim // 2, device="cuda")
+    q_heads, kv_heads, dim, rows = 32, 8, 64, 8
+    case = decode_case(rows, q_heads, kv_heads, dim, torch.bfloat16)
     x = torch.randn(rows, q_heads * dim, dtype=torch.bfloat16, device="cuda")
     w = torch.randn(q_heads * dim, dtype=torch.bfloat16, device="cuda")
     qkv_weight = torch.randn((q_heads + 2 * kv_heads) * dim, q_heads * dim,
                              dtype=torch.bfloat16, device="cuda") / 45
 
     def layer():
-        layer_cache = cache.clone()
+        layer_cache = case["cache"].clone()
         h, residual = rms_norm.add_rms_norm(x, None, w, 1e-5)
-        q = rope_kv.rope_and_cache(h @ qkv_weight.T, freqs.cos(), freqs.sin(), layer_cache,
-                                   slots, q_heads, kv_heads, dim)
-        out = decode_attention(q, layer_cache, tables, positions[:, None], dim ** -0.5)
+        out = decode_attention(**dict(case, qkv=h @ qkv_weight.T, cache=layer_cache),
+                               heads=q_heads, kv_heads=kv_heads, dim=dim, scale=dim ** -0.5)
         h, residual = rms_norm.add_rms_norm(out.reshape(rows, -1), residual, w, 1e-5)
         return silu_mul.silu_mul(h), layer_cache
 

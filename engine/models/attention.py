@@ -7,7 +7,8 @@ to a query at position p when j <= p, which is causal attention within the chunk
 over the cached prefix. All shapes are known on the host, so nothing here syncs.
 
 On CUDA with Triton, decode-only batches take :mod:`engine.kernels.decode_attention` instead,
-which reads each row's own blocks in place.
+which also applies the rotary embedding and writes the new keys and values, and reads each row's
+own blocks in place (``Attention.forward`` in :mod:`engine.models.llama` picks the path).
 """
 from __future__ import annotations
 
@@ -17,7 +18,6 @@ import torch
 import torch.nn.functional as F
 
 from ..kernels import use_triton
-from ..kernels.decode_attention import decode_attention
 
 
 @dataclass
@@ -44,12 +44,9 @@ class AttentionMetadata:
         return self._mask
 
 
-def paged_attention(q: torch.Tensor, cache: torch.Tensor, meta: AttentionMetadata,
-                    scale: float) -> torch.Tensor:
-    """Attention of flat queries ``[T, H, D]`` over the paged cache; returns ``[T, H, D]``."""
-    if meta.q_max == 1 and q.shape[0] == meta.block_tables.shape[0] and use_triton(q):
-        return decode_attention(q, cache, meta.block_tables, meta.query_positions, scale)
-    return torch_paged_attention(q, cache, meta, scale)
+def takes_decode_kernel(x: torch.Tensor, meta: AttentionMetadata) -> bool:
+    """Whether a step's attention runs the fused decode kernel: one token per row, on CUDA."""
+    return meta.q_max == 1 and x.shape[0] == meta.block_tables.shape[0] and use_triton(x)
 
 
 def torch_paged_attention(q: torch.Tensor, cache: torch.Tensor, meta: AttentionMetadata,

@@ -8,9 +8,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..kernels.rms_norm import add_rms_norm
+from ..kernels.decode_attention import decode_attention
 from ..kernels.rope_kv import rope_and_cache
 from ..kernels.silu_mul import silu_mul
-from .attention import AttentionMetadata, paged_attention
+from .attention import AttentionMetadata, takes_decode_kernel, torch_paged_attention
 from .config import ModelConfig
 
 
@@ -61,9 +62,15 @@ class Attention(nn.Module):
                 meta: AttentionMetadata) -> torch.Tensor:
         norms = {} if self.q_norm is None else dict(
             q_norm=self.q_norm.weight, k_norm=self.k_norm.weight, eps=self.q_norm.eps)
-        q = rope_and_cache(self.qkv_proj(x), cos, sin, cache, meta.slot_mapping, self.heads,
-                           self.kv_heads, self.dim, **norms)
-        out = paged_attention(q, cache, meta, self.dim ** -0.5)
+        qkv, scale = self.qkv_proj(x), self.dim ** -0.5
+        if takes_decode_kernel(qkv, meta):
+            out = decode_attention(qkv, cos, sin, cache, meta.slot_mapping, meta.block_tables,
+                                   meta.query_positions, self.heads, self.kv_heads, self.dim,
+                                   scale, **norms)
+        else:
+            q = rope_and_cache(qkv, cos, sin, cache, meta.slot_mapping, self.heads,
+                               self.kv_heads, self.dim, **norms)
+            out = torch_paged_attention(q, cache, meta, scale)
         return self.o_proj(out.reshape(-1, self.heads * self.dim))
 
 
