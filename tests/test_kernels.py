@@ -139,9 +139,9 @@ def test_programmatic_launch_changes_no_bit_of_a_captured_layer(monkeypatch):
     qkv_weight = torch.randn((q_heads + 2 * kv_heads) * dim, q_heads * dim,
                              dtype=torch.bfloat16, device="cuda") / 45
 
-    def layer():
+    def layer():  # on copies: add_rms_norm updates the residual (here x itself) in place
         layer_cache = case["cache"].clone()
-        h, residual = rms_norm.add_rms_norm(x, None, w, 1e-5)
+        h, residual = rms_norm.add_rms_norm(x.clone(), None, w, 1e-5)
         out = decode_attention(**dict(case, qkv=h @ qkv_weight.T, cache=layer_cache),
                                heads=q_heads, kv_heads=kv_heads, dim=dim, scale=dim ** -0.5)
         h, residual = rms_norm.add_rms_norm(out.reshape(rows, -1), residual, w, 1e-5)
