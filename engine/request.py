@@ -67,24 +67,62 @@ class Request:
         return None
 
 
-@dataclass
 class RequestOutput:
-    """What a user sees of a request: cumulative generated ids and, once finished, why."""
+    """What a user sees of a request: cumulative generated ids and, once finished, why.
 
-    request_id: str
-    prompt_token_ids: list[int]
-    token_ids: list[int]
-    finish_reason: str | None
-    logprobs: list[dict[int, float]] | None = None
-    text: str | None = None
-    error: str | None = None
+    The engine hands one out for every request that changed, every step, so it is a snapshot
+    taken in constant time: the request and how many output ids (and logprobs) it had then. A
+    request's lists only grow, so ``token_ids`` and ``logprobs`` (fresh lists on each access)
+    are those prefixes; copying them at every step would make a long generation quadratic.
+    """
+
+    __slots__ = ("request_id", "finish_reason", "text", "error", "_request", "_num_tokens",
+                 "_num_logprobs")
+
+    def __init__(self, request: Request) -> None:
+        self.request_id = request.request_id
+        self.finish_reason = request.finish_reason
+        self.text: str | None = None
+        self.error: str | None = None
+        self._request = request
+        self._num_tokens = len(request.output_token_ids)
+        self._num_logprobs = None if request.logprobs is None else len(request.logprobs)
+
+    @classmethod
+    def of(cls, request: Request) -> "RequestOutput":
+        return cls(request)
+
+    @property
+    def prompt_token_ids(self) -> list[int]:
+        return list(self._request.prompt_token_ids)
+
+    @property
+    def token_ids(self) -> list[int]:
+        return self._request.output_token_ids[:self._num_tokens]
+
+    @property
+    def logprobs(self) -> list[dict[int, float]] | None:
+        if self._num_logprobs is None:
+            return None
+        return self._request.logprobs[:self._num_logprobs]
 
     @property
     def finished(self) -> bool:
         return self.finish_reason is not None
 
-    @classmethod
-    def of(cls, request: Request) -> "RequestOutput":
-        return cls(request.request_id, list(request.prompt_token_ids),
-                   list(request.output_token_ids), request.finish_reason,
-                   None if request.logprobs is None else list(request.logprobs))
+    def _fields(self) -> tuple:
+        return (self.request_id, self.prompt_token_ids, self.token_ids, self.finish_reason,
+                self.logprobs, self.text, self.error)
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, RequestOutput):
+            return NotImplemented
+        return self._fields() == other._fields()
+
+    __hash__ = None  # mutable (text, error), like the dataclass it replaces
+
+    def __repr__(self) -> str:
+        names = ("request_id", "prompt_token_ids", "token_ids", "finish_reason", "logprobs",
+                 "text", "error")
+        return "RequestOutput(" + ", ".join(f"{n}={v!r}" for n, v in zip(names,
+                                                                          self._fields())) + ")"

@@ -150,3 +150,27 @@ def test_cuda_graph_decode_matches_eager(async_scheduling):
     assert graphs.engine.runner.graphs is not None
     assert streams(graphs, prompts, params) == streams(eager, prompts, params)
 
+
+
+@pytest.mark.parametrize("async_scheduling", [False, True])
+def test_each_step_output_is_a_snapshot_of_that_step(async_scheduling):
+    """An output handed out at one step keeps that step's ids and logprobs while the request
+    goes on (it is taken in constant time, not by copying them), and the lists it returns are
+    the caller's to change."""
+    llm = build(("sim", "lazy"), "oracle", async_scheduling)
+    llm.engine.add_request("r", [5, 6, 7], SamplingParams(temperature=0, max_tokens=9,
+                                                          ignore_eos=True, logprobs=2))
+    seen = []
+    while llm.engine.has_unfinished_requests():
+        seen += [(out, list(out.token_ids), list(out.logprobs)) for out in llm.engine.step()]
+    final = seen[-1][0]
+    assert [len(ids) for _, ids, _ in seen] == list(range(1, 10)) and final.finished
+    for out, ids, logprobs in seen:
+        assert out.token_ids == ids == final.token_ids[:len(ids)]
+        assert out.logprobs == logprobs == final.logprobs[:len(ids)]
+        assert out.finished == (out is final) and out.prompt_token_ids == [5, 6, 7]
+    final.token_ids.append(-1)
+    final.prompt_token_ids.append(-1)
+    assert len(final.token_ids) == 9 and final.prompt_token_ids == [5, 6, 7]
+    assert final == seen[-1][0] and final != seen[-2][0] and "token_ids=[" in repr(final)
+

@@ -10,6 +10,7 @@ seeds, so they are deterministic; their bounds are 5 binomial standard deviation
 from __future__ import annotations
 
 import math
+import tracemalloc
 from collections import Counter
 from dataclasses import replace
 
@@ -18,6 +19,7 @@ import torch
 
 from lockstep.engine import LLM, RequestOutput, SamplingParams
 from lockstep.engine.models.attention import AttentionMetadata
+from lockstep.engine.request import Request
 
 VOCAB = 512
 ORACLE_EOS = 0
@@ -643,3 +645,19 @@ def test_the_two_stage_argmax_is_argmax_with_ties_and_nans(vocab, device):
     x[5, :] = float("-inf")
     assert first_argmax(x).tolist() == x.argmax(-1).tolist()
     assert first_argmax(x)[1] == 7 and first_argmax(x)[2] == 0
+
+
+def test_handing_out_an_output_does_not_copy_the_ids():
+    """The engine makes one output per changed request per step: allocating a copy of every
+    id each time would make a long generation quadratic in its length."""
+    request = Request("r", list(range(1000)), SamplingParams(), 0,
+                      output_token_ids=list(range(10_000)))
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        outputs = [RequestOutput.of(request) for _ in range(100)]
+        grown = tracemalloc.get_traced_memory()[0] - before
+    finally:
+        tracemalloc.stop()
+    assert grown < 100 * 1_000  # a copy of the ids alone would be 100 x 88 KB
+    assert outputs[-1].token_ids == list(range(10_000))
