@@ -151,7 +151,7 @@ class EngineCore:
             if req is None:
                 return False
             self.scheduler.finish(req, "abort")
-            self._pending_outputs.append(RequestOutput.of(req))
+            self._pending_outputs.append(RequestOutput(req))
             return True
 
     def settle(self) -> None:
@@ -263,7 +263,7 @@ class EngineCore:
                 result = pending.get_output()
                 changed = self.scheduler.update_from_output(sched, result.sampled,
                                                             result.logprobs)
-                return [RequestOutput.of(r) for r in changed]
+                return [RequestOutput(r) for r in changed]
         except BaseException as exc:
             self._contain(exc, "collect", step, [row.request for row in sched.rows])
             return []
@@ -283,7 +283,7 @@ class EngineCore:
             if req.is_finished:
                 continue
             self.scheduler.finish(req, "error")
-            out = RequestOutput.of(req)
+            out = RequestOutput(req)
             out.error = error
             self._pending_outputs.append(out)
         if guard or not isinstance(exc, Exception):

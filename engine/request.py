@@ -88,10 +88,6 @@ class RequestOutput:
         self._num_tokens = len(request.output_token_ids)
         self._num_logprobs = None if request.logprobs is None else len(request.logprobs)
 
-    @classmethod
-    def of(cls, request: Request) -> "RequestOutput":
-        return cls(request)
-
     @property
     def prompt_token_ids(self) -> list[int]:
         return list(self._request.prompt_token_ids)
@@ -110,9 +106,11 @@ class RequestOutput:
     def finished(self) -> bool:
         return self.finish_reason is not None
 
+    FIELDS = ("request_id", "prompt_token_ids", "token_ids", "finish_reason", "logprobs",
+              "text", "error")
+
     def _fields(self) -> tuple:
-        return (self.request_id, self.prompt_token_ids, self.token_ids, self.finish_reason,
-                self.logprobs, self.text, self.error)
+        return tuple(getattr(self, name) for name in self.FIELDS)
 
     def __eq__(self, other: object) -> bool:
         if not isinstance(other, RequestOutput):
@@ -122,7 +120,5 @@ class RequestOutput:
     __hash__ = None  # mutable (text, error), like the dataclass it replaces
 
     def __repr__(self) -> str:
-        names = ("request_id", "prompt_token_ids", "token_ids", "finish_reason", "logprobs",
-                 "text", "error")
-        return "RequestOutput(" + ", ".join(f"{n}={v!r}" for n, v in zip(names,
-                                                                          self._fields())) + ")"
+        return "RequestOutput(" + ", ".join(f"{name}={getattr(self, name)!r}"
+                                            for name in self.FIELDS) + ")"

@@ -655,7 +655,7 @@ def test_handing_out_an_output_does_not_copy_the_ids():
     tracemalloc.start()
     try:
         before = tracemalloc.get_traced_memory()[0]
-        outputs = [RequestOutput.of(request) for _ in range(100)]
+        outputs = [RequestOutput(request) for _ in range(100)]
         grown = tracemalloc.get_traced_memory()[0] - before
     finally:
         tracemalloc.stop()

@@ -3,8 +3,8 @@ fused in, reading the cache in place.
 
 The input is the fused qkv projection ``[B, (H + 2 * H_kv) * D]`` of each row's new token. Each
 program takes one row, one KV head (with the query heads of its GQA group) and one split of the
-row's keys. It rotates its query heads and the new key (RMS-normed first for Qwen3's q/k-norm,
-rounded as :mod:`engine.kernels.rope_kv` rounds them), walks the row's block table through the
+row's keys. It rotates its query heads and the new key (RMS-normed first for Qwen3's q/k-norm)
+with :mod:`engine.kernels.rope_kv`'s ``rotated_heads``, walks the row's block table through the
 cached keys of its split with an online softmax, and the split that holds the new position adds
 the new key and value from registers; split 0 also writes them to the cache at the row's slot.
 No program reads the slot another one writes, so one kernel replaces rope_kv's and attention's.
@@ -25,6 +25,7 @@ from __future__ import annotations
 import torch
 
 from . import launch_then_wait, programmatic_launch, tl, triton
+from .rope_kv import rotated_heads
 
 KEYS_PER_ITERATION = 16  # one block of the default block size
 TARGET_PROGRAMS = 2048  # rows x KV heads x splits: about 15 per SM of an H200
@@ -85,24 +86,6 @@ if triton is not None:
         return tl.dot(a, b)
 
     @triton.jit
-    def _rotated(src, offsets, mask, cos, sin, w_ptr, half, half_mask, eps,
-                 QK_NORM: tl.constexpr, DIM: tl.constexpr):
-        """Load heads' two halves at ``src + offsets`` (+ DIM/2), RMS-norm them (QK_NORM) and
-        rotate them; each step rounded to the storage dtype as rope_kv rounds it."""
-        x1 = tl.load(src + offsets, mask=mask, other=0.0)
-        x2 = tl.load(src + offsets + DIM // 2, mask=mask, other=0.0)
-        dtype = x1.dtype
-        x1, x2 = x1.to(tl.float32), x2.to(tl.float32)
-        if QK_NORM:
-            rstd = tl.rsqrt((tl.sum(x1 * x1, axis=1) + tl.sum(x2 * x2, axis=1)) / DIM + eps)
-            w1 = tl.load(w_ptr + half, mask=half_mask, other=0.0).to(tl.float32)
-            w2 = tl.load(w_ptr + DIM // 2 + half, mask=half_mask, other=0.0).to(tl.float32)
-            x1 = (x1 * rstd[:, None] * w1[None, :]).to(dtype).to(tl.float32)
-            x2 = (x2 * rstd[:, None] * w2[None, :]).to(dtype).to(tl.float32)
-        return ((x1 * cos[None, :] - x2 * sin[None, :]).to(dtype),
-                (x2 * cos[None, :] + x1 * sin[None, :]).to(dtype))
-
-    @triton.jit
     def _decode_kernel(qkv_ptr, cos_ptr, sin_ptr, qw_ptr, kw_ptr, slot_ptr, cache_ptr,
                        tables_ptr, pos_ptr, out_ptr, part_out_ptr, part_max_ptr, part_sum_ptr,
                        scale, eps, qkv_stride, kv_plane, table_stride, pos_stride,
@@ -116,18 +99,16 @@ if triton is not None:
         split = tl.program_id(2)
         g = tl.arange(0, GROUP_PAD)
         h = tl.arange(0, HALF_PAD)
-        one = tl.arange(0, 1)
         h_mask = h < DIM // 2
         q_mask = (g < GROUP)[:, None] & h_mask[None, :]
         cos = tl.load(cos_ptr + row * (DIM // 2) + h, mask=h_mask, other=0.0)
         sin = tl.load(sin_ptr + row * (DIM // 2) + h, mask=h_mask, other=0.0)
         src = qkv_ptr + row * qkv_stride
-        q1, q2 = _rotated(src, (kv_head * GROUP + g)[:, None] * DIM + h[None, :], q_mask, cos,
-                          sin, qw_ptr, h, h_mask, eps, QK_NORM, DIM)
-        new_off = one[:, None] * DIM + h[None, :]  # [1, HALF_PAD]: the new token's head
-        new_mask = (one < 1)[:, None] & h_mask[None, :]
-        k1, k2 = _rotated(src + (HEADS + kv_head) * DIM, new_off, new_mask, cos, sin, kw_ptr, h,
-                          h_mask, eps, QK_NORM, DIM)
+        q1, q2 = rotated_heads(src, (kv_head * GROUP + g)[:, None] * DIM + h[None, :], q_mask,
+                               cos, sin, qw_ptr, h, h_mask, eps, QK_NORM, DIM)
+        new_off, new_mask = h[None, :], h_mask[None, :]  # the new token's head, [1, HALF_PAD]
+        k1, k2 = rotated_heads(src + (HEADS + kv_head) * DIM, new_off, new_mask, cos, sin,
+                               kw_ptr, h, h_mask, eps, QK_NORM, DIM)
         v_src = src + (HEADS + KV_HEADS + kv_head) * DIM
         v1 = tl.load(v_src + new_off, mask=new_mask, other=0.0)
         v2 = tl.load(v_src + new_off + DIM // 2, mask=new_mask, other=0.0)

@@ -53,13 +53,27 @@ def _rope_and_cache_torch(qkv, cos, sin, cache, slots, heads, kv_heads, dim, q_n
     return rotate(q, cos, sin)
 
 
+rotated_heads = None  # the CPU-only install has no kernels to call it
 if triton is not None:
     @triton.jit
-    def _head_norm(x1, x2, w_ptr, half, mask, eps, DIM: tl.constexpr):
-        rstd = tl.rsqrt((tl.sum(x1 * x1, axis=0) + tl.sum(x2 * x2, axis=0)) / DIM + eps)
-        w1 = tl.load(w_ptr + half, mask=mask, other=0.0).to(tl.float32)
-        w2 = tl.load(w_ptr + DIM // 2 + half, mask=mask, other=0.0).to(tl.float32)
-        return x1 * rstd * w1, x2 * rstd * w2
+    def rotated_heads(src, offsets, mask, cos, sin, w_ptr, half, half_mask, eps,
+                      QK_NORM: tl.constexpr, DIM: tl.constexpr):
+        """The heads ``[N, HALF_PAD]`` whose first halves are at ``src + offsets`` (the second
+        halves DIM/2 further), RMS-normed by ``w_ptr`` (QK_NORM) and rotated by ``cos``/``sin``
+        ``[HALF_PAD]``, as two halves; rounded to the storage dtype after the norm and after
+        the rotation. Decode attention rotates its heads with it too."""
+        x1 = tl.load(src + offsets, mask=mask, other=0.0)
+        x2 = tl.load(src + offsets + DIM // 2, mask=mask, other=0.0)
+        dtype = x1.dtype
+        x1, x2 = x1.to(tl.float32), x2.to(tl.float32)
+        if QK_NORM:
+            rstd = tl.rsqrt((tl.sum(x1 * x1, axis=1) + tl.sum(x2 * x2, axis=1)) / DIM + eps)
+            w1 = tl.load(w_ptr + half, mask=half_mask, other=0.0).to(tl.float32)
+            w2 = tl.load(w_ptr + DIM // 2 + half, mask=half_mask, other=0.0).to(tl.float32)
+            x1 = (x1 * rstd[:, None] * w1[None, :]).to(dtype).to(tl.float32)
+            x2 = (x2 * rstd[:, None] * w2[None, :]).to(dtype).to(tl.float32)
+        return ((x1 * cos[None, :] - x2 * sin[None, :]).to(dtype),
+                (x2 * cos[None, :] + x1 * sin[None, :]).to(dtype))
 
     @triton.jit
     def _rope_kv_kernel(qkv_ptr, cos_ptr, sin_ptr, qw_ptr, kw_ptr, q_ptr, cache_ptr, slot_ptr,
@@ -74,24 +88,19 @@ if triton is not None:
         cos = tl.load(cos_ptr + tok * (DIM // 2) + half, mask=mask, other=0.0)
         sin = tl.load(sin_ptr + tok * (DIM // 2) + half, mask=mask, other=0.0)
         src = qkv_ptr + tok * qkv_stride + head * DIM
-        x1 = tl.load(src + half, mask=mask, other=0.0)
-        x2 = tl.load(src + DIM // 2 + half, mask=mask, other=0.0)
-        dtype = x1.dtype
-        x1, x2 = x1.to(tl.float32), x2.to(tl.float32)
+        head_off, head_mask = half[None, :], mask[None, :]  # one head, [1, HALF_PAD]
         if head < HEADS:
-            if QK_NORM:
-                x1, x2 = _head_norm(x1, x2, qw_ptr, half, mask, eps, DIM)
-                x1, x2 = x1.to(dtype).to(tl.float32), x2.to(dtype).to(tl.float32)
+            x1, x2 = rotated_heads(src, head_off, head_mask, cos, sin, qw_ptr, half, mask, eps,
+                                   QK_NORM, DIM)
             dst = q_ptr + (tok * HEADS + head) * DIM
         else:
-            if QK_NORM:
-                x1, x2 = _head_norm(x1, x2, kw_ptr, half, mask, eps, DIM)
-                x1, x2 = x1.to(dtype).to(tl.float32), x2.to(dtype).to(tl.float32)
+            x1, x2 = rotated_heads(src, head_off, head_mask, cos, sin, kw_ptr, half, mask, eps,
+                                   QK_NORM, DIM)
             slot = tl.load(slot_ptr + tok)
             dst = cache_ptr + slot * (KV_HEADS * DIM) + (head - HEADS) * DIM
             v1 = tl.load(src + KV_HEADS * DIM + half, mask=mask, other=0.0)
             v2 = tl.load(src + KV_HEADS * DIM + DIM // 2 + half, mask=mask, other=0.0)
             tl.store(dst + kv_plane + half, v1, mask=mask)
             tl.store(dst + kv_plane + DIM // 2 + half, v2, mask=mask)
-        tl.store(dst + half, (x1 * cos - x2 * sin).to(dtype), mask=mask)
-        tl.store(dst + DIM // 2 + half, (x2 * cos + x1 * sin).to(dtype), mask=mask)
+        tl.store(dst + head_off, x1, mask=head_mask)
+        tl.store(dst + DIM // 2 + head_off, x2, mask=head_mask)
