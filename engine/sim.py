@@ -18,6 +18,7 @@ before waiting sees stale data, exactly as on a GPU.
 """
 from __future__ import annotations
 
+import atexit
 import random
 import threading
 import time
@@ -44,6 +45,9 @@ class StepFault:
 
 
 _completion = threading.Lock()  # guards the moment a waiter is attached or an event completes
+_exiting = False  # set once at interpreter exit: no device worker waits or runs work any more
+_blocked: set[threading.Event] = set()  # waiters a thread is blocked on (woken at exit)
+_workers: set["_WorkQueue"] = set()  # queues whose worker thread is alive
 
 
 class SimEvent:
@@ -80,12 +84,17 @@ class SimEvent:
     def wait_done(self) -> None:
         """Block until another thread completes the event."""
         with _completion:
-            if self._done:
+            if self._done or _exiting:
                 return
             if self._waiter is None:
                 self._waiter = threading.Event()
             waiter = self._waiter
-        waiter.wait()
+            _blocked.add(waiter)
+        try:
+            waiter.wait()
+        finally:
+            with _completion:
+                _blocked.discard(waiter)
 
     def query(self) -> bool:
         done = self._done
@@ -108,24 +117,39 @@ class _WorkQueue:
         self.wake = threading.Condition(self.lock)
         self.closed = False
         self.error: BaseException | None = None
+        self.worker: threading.Thread | None = None
 
-    def close(self) -> None:
+    def start_worker(self, name: str, rng: random.Random, max_delay_s: float) -> None:
+        self.worker = threading.Thread(target=self.work, args=(rng, max_delay_s), name=name,
+                                       daemon=True)
+        with _completion:
+            _workers.add(self)
+        self.worker.start()
+
+    def close(self, discard: bool = False) -> None:
+        """The worker returns once the queue is empty; ``discard`` empties it now (exit)."""
         with self.lock:
             self.closed = True
+            if discard:
+                self.items.clear()
             self.wake.notify()
 
     def work(self, rng: random.Random, max_delay_s: float) -> None:
-        while True:
-            with self.lock:
-                while not self.items and not self.closed:
-                    self.wake.wait()
-                if not self.items:
-                    return
-                item = self.items.popleft()
-                delay = rng.uniform(0, max_delay_s)
-            time.sleep(delay)
-            self.execute(item)
-            del item  # a finished item must not keep the stream (and engine) alive
+        try:
+            while True:
+                with self.lock:
+                    while not self.items and not self.closed:
+                        self.wake.wait()
+                    if not self.items:
+                        return
+                    item = self.items.popleft()
+                    delay = rng.uniform(0, max_delay_s)
+                time.sleep(delay)
+                self.execute(item)
+                del item  # a finished item must not keep the stream (and engine) alive
+        finally:
+            with _completion:
+                _workers.discard(self)
 
     def execute(self, item: tuple[Callable[[], None], StepFault | None]) -> None:
         """Run one item as the device; a failure is kept for the host's next wait."""
@@ -140,6 +164,30 @@ class _WorkQueue:
                 fault.error = exc
 
 
+@atexit.register
+def stop_workers(timeout_s: float = 10.0) -> None:
+    """Stop every device worker before the interpreter finalizes.
+
+    A daemon thread still inside a torch call when finalization starts is killed as it takes the
+    GIL back, and the C++ unwind through torch's frames aborts the whole process ("terminate
+    called without an active exception"): a broken or abandoned engine, or a Ctrl-C, would turn
+    a clean exit into SIGABRT. At exit, queued work is discarded (nobody will read it), workers
+    blocked on another stream's event are woken, and each worker finishes its current item and
+    returns.
+    """
+    global _exiting
+    with _completion:
+        _exiting = True
+        queues, waiters = list(_workers), list(_blocked)
+    for waiter in waiters:
+        waiter.set()
+    for queue in queues:
+        queue.close(discard=True)
+    deadline = time.monotonic() + timeout_s
+    for queue in queues:
+        queue.worker.join(max(0.0, deadline - time.monotonic()))
+
+
 class SimStream:
     """An in-order queue of device work."""
 
@@ -150,8 +198,7 @@ class SimStream:
         self._queue = _WorkQueue()
         if self.policy == "threaded":
             rng = random.Random(f"{device.seed}:{name}")
-            threading.Thread(target=self._queue.work, args=(rng, device.max_delay_s),
-                             name=f"sim-{name}", daemon=True).start()
+            self._queue.start_worker(f"sim-{name}", rng, device.max_delay_s)
             weakref.finalize(self, self._queue.close)
 
     def enqueue(self, fn: Callable[[], None]) -> None:

@@ -20,6 +20,7 @@ import threading
 import time
 
 import pytest
+import torch
 
 from lockstep.engine import LLM, SamplingParams
 from lockstep.engine.core import EngineBrokenError
@@ -123,11 +124,33 @@ def double_sigint(async_scheduling: bool, policy: str, runs: int = 12) -> dict:
     return outcomes
 
 
+def exit_while_device_works(async_scheduling: bool, policy: str) -> dict:
+    """Leave the interpreter while the device still works: a worker inside a long torch call,
+    another blocked on an event of a stream whose work will never run, queued work behind them
+    (an engine abandoned, or broken by a second Ctrl-C, holds the same)."""
+    llm = make_llm(async_scheduling, policy)
+    device, started = llm.engine.device, threading.Event()
+
+    def long_torch_work():
+        started.set()
+        a, end = torch.randn(128, 128), time.perf_counter() + 0.5
+        while time.perf_counter() < end:  # torch releases the GIL inside each call
+            a = torch.mm(a, a).clamp_(-1, 1)
+    device.launch(device.copy, long_torch_work)
+    device.wait(device.compute, device.record(device.copy))
+    for _ in range(50):
+        device.launch(device.compute, long_torch_work)
+    assert started.wait(5)
+    return {"exit_began": time.time()}
+
+
 def in_a_fresh_process(scenario: str, async_scheduling: bool, policy: str) -> dict:
-    """Signals go to a process's main thread (under xdist, not the one running the test)."""
+    """Signals go to a process's main thread (under xdist, not the one running the test). The
+    process must also *exit* cleanly: no SIGABRT from a device thread at interpreter exit."""
     proc = subprocess.run([sys.executable, __file__, scenario, str(async_scheduling), policy],
                           capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert proc.returncode == 0, f"exit status {proc.returncode}:\n{proc.stdout}{proc.stderr}"
+    assert "terminate called" not in proc.stderr, proc.stderr
     return json.loads(proc.stdout.splitlines()[-1])
 
 
@@ -137,10 +160,25 @@ def test_sigint_at_random_moments_leaves_the_engine_consistent(async_scheduling,
     assert result["interrupted"] >= 8, f"only {result} runs were interrupted"
 
 
-@pytest.mark.parametrize("async_scheduling,policy", [(True, "threaded"), (False, "lazy")])
+@pytest.mark.parametrize("async_scheduling,policy", TARGETS)
 def test_a_second_sigint_interrupts_at_once_and_never_corrupts(async_scheduling, policy):
     outcomes = in_a_fresh_process("double", async_scheduling, policy)
     assert sum(outcomes.values()) == 12, outcomes
+
+
+@pytest.mark.parametrize("attempt", range(6))
+def test_the_process_exits_cleanly_after_double_sigints_on_the_threaded_device(attempt):
+    """Before device workers were stopped at exit, about 1 process in 6 aborted here."""
+    in_a_fresh_process("double", True, "threaded")
+
+
+@pytest.mark.parametrize("async_scheduling", [False, True])
+def test_the_process_exits_at_once_while_device_work_is_still_running(async_scheduling):
+    """Deterministic: a threaded-device worker is inside torch when the interpreter exits
+    (before the fix: SIGABRT every time), another is blocked on an event that will never
+    complete, and 50 half-second items are queued: nobody waits for them."""
+    result = in_a_fresh_process("exit-busy", async_scheduling, "threaded")
+    assert time.time() - result["exit_began"] < 5  # the items alone would take 25 s
 
 
 @pytest.mark.parametrize("async_scheduling,policy", TARGETS)
@@ -251,5 +289,6 @@ def test_generate_adds_nothing_unless_every_prompt_and_parameter_is_valid(async_
 
 if __name__ == "__main__":  # one scenario in this process: scenario, async, policy
     scenario, async_arg, policy_arg = sys.argv[1:]
-    run_scenario = {"sigint": sigint_at_random_moments, "double": double_sigint}[scenario]
+    run_scenario = {"sigint": sigint_at_random_moments, "double": double_sigint,
+                    "exit-busy": exit_while_device_works}[scenario]
     print(json.dumps(run_scenario(async_arg == "True", policy_arg)))

@@ -4,6 +4,7 @@ from __future__ import annotations
 import importlib.metadata
 import os
 import re
+import site
 import subprocess
 import sys
 import textwrap
@@ -55,12 +56,30 @@ def _other_distribution(root: Path) -> Path:
     return _build_wheel(root, root)
 
 
+def _site_dirs_of_this_environment() -> list[str]:
+    """Where this interpreter's packages (torch above all) live: a venv's, a conda env's or the
+    system's site-packages, and the user site where ``pip install --user`` puts them."""
+    dirs = list(site.getsitepackages())
+    if site.ENABLE_USER_SITE:
+        dirs.append(site.getusersitepackages())
+    return [d for d in dict.fromkeys(dirs) if os.path.isdir(d)]
+
+
 @pytest.fixture(scope="module")
 def fresh_venv(tmp_path_factory, wheel) -> Path:
-    """A venv (seeing this environment's torch) with the Lockstep *wheel* installed."""
+    """A venv with the Lockstep *wheel* installed that sees this environment's packages.
+
+    Not ``system_site_packages``: that is the *base* interpreter's site-packages, which lacks
+    torch whenever the tests run from a venv (the README's setup). A ``.pth`` file appends this
+    environment's site directories after the venv's own, so the wheel shadows any editable
+    install here (a plain path line runs none of that directory's ``.pth`` hooks)."""
     root = tmp_path_factory.mktemp("venv")
-    venv.create(root, system_site_packages=True, with_pip=True)
+    venv.create(root, with_pip=True)
     python = root / "bin" / "python"
+    own_site = _run(python, "-c", "import sysconfig; print(sysconfig.get_path('purelib'))",
+                    cwd=root).strip()
+    Path(own_site, "lockstep_test_outer_env.pth").write_text(
+        "".join(f"{d}\n" for d in _site_dirs_of_this_environment()))
     _run(python, "-m", "pip", "install", "-q", "--no-deps", "--ignore-installed", wheel, cwd=root)
     return root
 
