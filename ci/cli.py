@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -85,16 +86,15 @@ def main(argv: list[str] | None = None) -> int:
     fuzz.add_argument("--model", default="oracle", choices=["oracle", "default"],
                       help="the embedded model the workloads run on (default: oracle)")
     args = parser.parse_args(argv)
+    try:
+        check_options(args)
+    except UsageError as exc:
+        return _usage_error(args.command, exc)
     if args.command == "fuzz":
-        from pathlib import Path
-
         from lockstep.property_tests.fuzz import FuzzConfig, run_fuzz
         return run_fuzz(FuzzConfig(args.minutes, args.workers, args.db, Path(args.out),
                                    args.profile, args.model))
     if args.command == "replay":
-        if args.device == "cuda" and not _cuda_available():
-            print("lockstep replay: --device cuda but no CUDA device is available")
-            return 2
         from lockstep.property_tests.replay import replay
         return replay(args.file, device=args.device, policy=args.policy)
     if args.command == "gate":
@@ -129,14 +129,51 @@ def main(argv: list[str] | None = None) -> int:
                                () if args.no_transformers else
                                tuple(p for p in args.peers.split(",") if p)))
     except BenchUsageError as exc:
-        print(f"lockstep {args.command}: {exc}", file=sys.stderr)
-        return 2
+        return _usage_error(args.command, exc)
     return 0
+
+
+class UsageError(ValueError):
+    """A bad option or a missing device: exit status 2 and one line, before any work."""
+
+
+def check_options(args: argparse.Namespace) -> None:
+    """Raise UsageError naming the option and its value for what argparse cannot check. The
+    gate, bench and fuzz validate their other options themselves, also before any work."""
+    # the gate checks --device (with its own wording) together with its other options
+    if args.command != "gate" and getattr(args, "device", None) == "cuda" \
+            and not _cuda_available():
+        raise UsageError("--device cuda but no CUDA device is available")
+    for holds, message in _rules(args):
+        if not holds:
+            raise UsageError(message)
+
+
+def _rules(args: argparse.Namespace) -> list[tuple[bool, str]]:
+    """(holds, message) for each option of ``args.command`` checked here."""
+    if args.command == "zoo":
+        return [(args.jobs >= 1, f"--jobs must be at least 1, got {args.jobs}")]
+    if args.command == "guard-bench" and args.out is not None:
+        folder = Path(args.out).resolve().parent
+        return [(folder.is_dir(), f"--out {args.out}: the folder {folder} does not exist")]
+    if args.command == "soak":
+        return [(args.requests >= 1, f"--requests must be at least 1, got {args.requests}"),
+                (0 <= args.abort_rate <= 1,
+                 f"--abort-rate must be in [0, 1], got {args.abort_rate}"),
+                (args.fault_every >= 0,
+                 f"--fault-every must be 0 (no faults) or more, got {args.fault_every}")]
+    return []
+
+
+def _usage_error(command: str, exc: Exception) -> int:
+    print(f"lockstep {command}: {exc}", file=sys.stderr)
+    return 2
 
 
 def _record_perf_baseline(device: str) -> int:
     if device != "cuda" or not _cuda_available():
-        print("lockstep gate: --record-perf-baseline needs --device cuda and a CUDA device")
+        print("lockstep gate: --record-perf-baseline needs --device cuda and a CUDA device",
+              file=sys.stderr)
         return 2
     from .perf import BASELINES, record_baseline
     entry = record_baseline()

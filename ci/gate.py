@@ -22,6 +22,7 @@ passed, 1 a check failed, 2 a usage or environment error (reported before any ch
 from __future__ import annotations
 
 import logging
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -105,7 +106,7 @@ def run_gate(options: GateOptions) -> int:
     try:
         validate(options)
     except UsageError as exc:
-        print(f"lockstep gate: {exc}")
+        print(f"lockstep gate: {exc}", file=sys.stderr)
         return 2
     logging.getLogger("lockstep.engine").setLevel(logging.CRITICAL)  # failures are reported
     profiles.load("ci")

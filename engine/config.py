@@ -31,7 +31,7 @@ class EngineConfig:
     timeline_steps: int = 1024  # the step timeline keeps the last this many steps; 0: none
 
     def __post_init__(self) -> None:
-        if self.model is not None and not isinstance(self.model, str):
+        if self.model is not None and (not isinstance(self.model, str) or not self.model):
             raise ValueError(f"model must be None, 'oracle' or a checkpoint directory, "
                              f"got {self.model!r}")
         if self.device not in DEVICES:

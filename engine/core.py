@@ -74,7 +74,7 @@ class EngineCore:
                     "num_kv_blocks" if config.num_kv_blocks else "max_num_seqs")
         self.kv = KVCacheManager(num_blocks, config.block_size)
         self.scheduler = Scheduler(config, self.kv)
-        self.timeline = Timeline(self.device, config.timeline_steps)
+        self.timeline = Timeline(self.device, config.timeline_steps, self.exclusive)
         self.runner = ModelRunner(config, self.model, self.device, num_blocks, self.vocab_size,
                                   self.timeline)
         self.num_steps = 0
@@ -164,12 +164,14 @@ class EngineCore:
 
     def drop_outputs(self, request_ids: set[str]) -> None:
         """Forget the pending outputs of ``request_ids`` (the others stay)."""
-        self._pending_outputs = [o for o in self._pending_outputs
-                                 if o.request_id not in request_ids]
+        with self.exclusive("EngineCore.drop_outputs"):
+            self._pending_outputs = [o for o in self._pending_outputs
+                                     if o.request_id not in request_ids]
 
     def put_back(self, outputs: list[RequestOutput]) -> None:
         """Outputs taken by a caller that does not own them: the next ``step`` returns them."""
-        self._pending_outputs = outputs + self._pending_outputs
+        with self.exclusive("EngineCore.put_back"):
+            self._pending_outputs = outputs + self._pending_outputs
 
     def has_unfinished_requests(self) -> bool:
         return (self.scheduler.has_unfinished() or bool(self._pending_outputs)
@@ -294,6 +296,8 @@ class EngineCore:
         return outputs
 
     def stats(self) -> dict:
+        """Counters; safe from any thread (a snapshot: beside a running step, it may fall
+        between two of the step's updates)."""
         return {
             "num_steps": self.num_steps,
             "num_preemptions": self.scheduler.num_preemptions,

@@ -121,11 +121,21 @@ class LLM:
         return own
 
     def _abandon(self, own: list[str]) -> None:
-        """Abort this call's requests, let their steps in flight land, drop their outputs."""
-        for rid in own:
-            self.engine.abort_request(rid)
-        self.engine.settle()
-        self.engine.drop_outputs(set(own))
+        """Abort this call's requests, let their steps in flight land, drop their outputs.
+
+        Anything that cuts this short (a second Ctrl-C lands here) may have cut an abort or a
+        collect in half, and leaves outputs nobody will take: the engine is marked broken."""
+        engine = self.engine
+        try:
+            for rid in own:
+                engine.abort_request(rid)
+            engine.settle()
+            engine.drop_outputs(set(own))
+        except BaseException as exc:
+            if engine.broken is None:
+                engine.broken = (f"{type(exc).__name__} ({exc}) struck while generate "
+                                 f"abandoned its requests")
+            raise
 
     def _run(self, own: list[str], interrupted: list[bool]) -> list[RequestOutput]:
         wanted, final = set(own), {}
@@ -146,12 +156,17 @@ class LLM:
         return [final[rid] for rid in own]
 
     def stats(self) -> dict:
-        """Counters: ``num_steps``, ``num_preemptions``, ``num_free_blocks``, ``num_total_blocks``…"""
+        """Counters: ``num_steps``, ``num_preemptions``, ``num_free_blocks``, ``num_total_blocks``…
+        Safe from any thread, also while ``generate`` runs (a snapshot)."""
         return self.engine.stats()
 
     def export_trace(self, path: str) -> None:
-        """Write the step timeline (host and device spans) as a Chrome/Perfetto trace JSON."""
-        self.engine.timeline.export_chrome_trace(path)
+        """Write the step timeline (host and device spans) as a Chrome/Perfetto trace JSON.
+
+        It waits for the device, so from another thread while ``generate`` runs it raises
+        RuntimeError at once, like every call that needs the engine to itself."""
+        with self.engine.exclusive("LLM.export_trace"):
+            self.engine.timeline.export_chrome_trace(path)
 
     def _tokenize(self, index: int, prompt: object) -> list[int]:
         if isinstance(prompt, str):

@@ -214,10 +214,14 @@ class SimStream:
     def run_until(self, event: SimEvent) -> None:
         """Block the caller until ``event`` completed (running work itself when lazy)."""
         if self.policy == "lazy":
-            while not event.is_done():
-                with self._queue.lock:
-                    item = self._queue.items.popleft()
-                self._queue.execute(item)
+            # one host thread at a time runs lazy work: a second thread waiting on the device
+            # (any thread may, as on a GPU) must not pop the next item while the first still
+            # runs the previous one (out of order, a copy read its source before it was written)
+            with self.device.run_lock:
+                while not event.is_done():
+                    with self._queue.lock:
+                        item = self._queue.items.popleft()
+                    self._queue.execute(item)
         elif not event.is_done():
             event.wait_done()
         if self._queue.error is not None:  # work queued outside any step failed
@@ -253,6 +257,7 @@ class SimDevice(Device):
         self.torch_device = torch.device("cpu")
         self.pin_memory = False
         self.fault: StepFault | None = None  # the step whose device work is being enqueued
+        self.run_lock = threading.RLock()  # held by the host thread running lazy work
         skewed = policy == "skewed"
         self.compute = SimStream(self, "compute", "eager" if skewed else policy)
         self.copy = SimStream(self, "copy", "lazy" if skewed else policy)

@@ -5,15 +5,19 @@ is a pair of events recorded on the compute stream around the step's device work
 events, or the completion time stamps of ``sim`` events. Device times are resolved only on
 export, never on the step's path. The timeline is a ring over the last ``max_steps`` steps
 (``EngineConfig.timeline_steps``); 0 records nothing, not even the device events.
+
+Reading device spans waits for the device and walks rings the step appends to, so the readers
+run under the engine's one-caller guard: from another thread while a step runs they are refused
+at once (waiting on the device from there would also have raced the step's own waits).
 """
 from __future__ import annotations
 
 import json
 import time
 from collections import deque
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass
-from typing import Iterator
+from typing import Callable, Iterator
 
 from .device import Device
 
@@ -31,8 +35,11 @@ class HostSpan:
 class Timeline:
     """Records what the host and the device did in each step."""
 
-    def __init__(self, device: Device, max_steps: int = 1024) -> None:
+    def __init__(self, device: Device, max_steps: int = 1024,
+                 exclusive: Callable[[str], AbstractContextManager] | None = None) -> None:
+        """``exclusive(what)``: the owner's one-caller guard (``EngineCore.exclusive``)."""
         self.device = device
+        self._exclusive = exclusive or (lambda what: nullcontext())
         self.enabled = max_steps > 0
         self.host_spans: deque[HostSpan] = deque(maxlen=HOST_SPANS_PER_STEP * max_steps)
         self._device_events: deque[tuple[int, object, object]] = deque(maxlen=max_steps)
@@ -64,10 +71,12 @@ class Timeline:
         self._device_events.append((step, begin, end))
 
     def device_spans(self) -> list[tuple[int, int, int]]:
-        """(step, start ns, end ns) of every completed device span (waits for the device)."""
-        self.device.synchronize()
+        """(step, start ns, end ns) of every device span recorded (waits for the device)."""
+        with self._exclusive("Timeline.device_spans"):
+            self.device.synchronize()
+            recorded = list(self._device_events)
         spans = []
-        for step, begin, end in self._device_events:
+        for step, begin, end in recorded:
             if self.device.kind == "cuda":
                 origin, origin_ns = self._origin
                 start = origin_ns + int(origin.elapsed_time(begin) * 1e6)
@@ -88,15 +97,17 @@ class Timeline:
         return busy / max(1, end_ns - start_ns)
 
     def chrome_trace(self) -> dict:
+        with self._exclusive("Timeline.chrome_trace"):
+            host_spans, device_spans = list(self.host_spans), self.device_spans()
         events: list[dict] = [
             {"name": "process_name", "ph": "M", "pid": 0, "args": {"name": "host"}},
             {"name": "process_name", "ph": "M", "pid": 1,
              "args": {"name": f"device ({self.device.kind})"}}]
-        for s in self.host_spans:
+        for s in host_spans:
             events.append({"name": s.name, "cat": "host", "ph": "X", "pid": 0, "tid": 0,
                            "ts": s.start_ns / 1e3, "dur": (s.end_ns - s.start_ns) / 1e3,
                            "args": {"step": s.step}})
-        for step, start, stop in self.device_spans():
+        for step, start, stop in device_spans:
             events.append({"name": f"step {step}", "cat": "device", "ph": "X", "pid": 1,
                            "tid": 0, "ts": start / 1e3, "dur": (stop - start) / 1e3,
                            "args": {"step": step}})

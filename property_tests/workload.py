@@ -5,12 +5,14 @@ step at which each arrives), the aborts (driver step, id, which use of the id), 
 preemptions (driver steps) and, through repeated ids, request-id reuse. Requests are added in list order: one that arrives while an
 earlier one is still waiting to be added (a reused id whose previous holder has not finished)
 waits too, so every engine sees the same arrival order. It round-trips through versioned JSON
-exactly (``Workload.from_json(w.to_json()) == w``).
+exactly (``Workload.from_json(w.to_json()) == w``); loading validates it
+(:meth:`Workload.validate`).
 """
 from __future__ import annotations
 
 import dataclasses
 import json
+import reprlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -84,8 +86,36 @@ class Workload:
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=1, sort_keys=True)
 
+    def validate(self) -> None:
+        """Raise ValueError, naming the field and value, for what no run could mean: an empty or
+        non-string request id, a negative arrival, preemption or abort step, an abort of an id
+        no request has or of an occurrence beyond that id's requests. (What the engine refuses,
+        such as a prompt outside the vocabulary, the engine checks.)"""
+        uses: dict[str, int] = {}
+        for i, r in enumerate(self.requests):
+            if not isinstance(r.request_id, str) or not r.request_id:
+                raise ValueError(f"requests[{i}].request_id={r.request_id!r} must be a "
+                                 f"non-empty string")
+            _non_negative(f"requests[{i}].arrival", r.arrival)
+            uses[r.request_id] = uses.get(r.request_id, 0) + 1
+        for i, a in enumerate(self.aborts):
+            _non_negative(f"aborts[{i}].step", a.step)
+            _non_negative(f"aborts[{i}].occurrence", a.occurrence)
+            if a.request_id not in uses:
+                raise ValueError(f"aborts[{i}].request_id={a.request_id!r} names no request")
+            if a.occurrence >= uses[a.request_id]:
+                raise ValueError(f"aborts[{i}].occurrence={a.occurrence} but only "
+                                 f"{uses[a.request_id]} request(s) use the id "
+                                 f"{a.request_id!r} (occurrences count from 0)")
+        for i, step in enumerate(self.preempt_steps):
+            _non_negative(f"preempt_steps[{i}]", step)
+
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "Workload":
+        """The workload ``data`` describes, validated; ValueError naming the field if not."""
+        if not isinstance(data, dict):
+            raise ValueError(f"a workload is a JSON object, got {type(data).__name__} "
+                             f"{reprlib.repr(data)}")
         if data.get("format") != FORMAT_NAME:
             raise ValueError(f"format={data.get('format')!r}: not a {FORMAT_NAME} file")
         if data.get("version") != FORMAT_VERSION:
@@ -94,9 +124,11 @@ class Workload:
         requests = tuple(RequestSpec(r["request_id"], tuple(r["prompt"]),
                                      SamplingParams(**r["params"]), r["arrival"])
                          for r in data["requests"])
-        return cls(EngineSpec(**data["engine"]), requests,
-                   tuple(AbortSpec(**a) for a in data["aborts"]),
-                   tuple(data.get("preempt_steps", ())))
+        workload = cls(EngineSpec(**data["engine"]), requests,
+                       tuple(AbortSpec(**a) for a in data["aborts"]),
+                       tuple(data.get("preempt_steps", ())))
+        workload.validate()
+        return workload
 
     @classmethod
     def from_json(cls, text: str) -> "Workload":
@@ -111,6 +143,11 @@ class Workload:
     @classmethod
     def load(cls, path: str | Path) -> "Workload":
         return cls.from_json(Path(path).read_text())
+
+
+def _non_negative(name: str, value: object) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError(f"{name}={value!r} must be an int >= 0")
 
 
 def _params_to_dict(params: SamplingParams) -> dict[str, Any]:

@@ -79,6 +79,10 @@ def as_device(tensor: Any) -> Any:
         with sync_guard.disallow():
             step(x)            # x.argmax(-1).max().item() -> SyncViolation: Tensor.item
     """
+    import torch
+    if not isinstance(tensor, torch.Tensor):
+        raise TypeError(f"as_device(tensor) needs a torch.Tensor, got {type(tensor).__name__} "
+                        f"{tensor!r:.80}")
     from . import hooks
     hooks.register_device_memory(tensor)
     return tensor

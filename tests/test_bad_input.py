@@ -286,6 +286,31 @@ def test_model_that_is_not_a_string_is_refused():
     refused(lambda: LLM(model=123), "model")
 
 
+def test_an_empty_model_string_is_refused_not_read_as_the_current_directory(tmp_path,
+                                                                            monkeypatch):
+    write_checkpoint(tmp_path, DEFAULT_CONFIG, random_llama_weights(DEFAULT_CONFIG, seed=0))
+    monkeypatch.chdir(tmp_path)  # a checkpoint right here would have been loaded
+    error = refused(lambda: LLM(model=""), "model")
+    assert "''" in str(error)
+
+
+@pytest.mark.parametrize("value", [[1, 2, 3], None, 3.5])
+def test_as_device_says_that_it_needs_a_tensor(value):
+    import sync_guard
+    with pytest.raises(TypeError, match=r"as_device\(tensor\) needs a torch.Tensor, got "
+                                        + type(value).__name__):
+        sync_guard.as_device(value)
+
+
+def test_engine_broken_error_is_importable_where_users_catch_it():
+    import lockstep
+    import lockstep.engine
+    from lockstep.engine.core import EngineBrokenError
+    assert lockstep.EngineBrokenError is lockstep.engine.EngineBrokenError is EngineBrokenError
+    assert "EngineBrokenError" in lockstep.__all__
+    assert "EngineBrokenError" in lockstep.engine.__all__
+
+
 class _Tripwire:
     """Unpickling this creates ``path``: proof that someone loaded the pickle."""
 

@@ -224,15 +224,62 @@ def test_an_interrupt_where_no_phase_can_clean_up_marks_the_engine_broken(monkey
             call()
 
 
+def calls_that_need_the_engine(llm: LLM, tmp_path) -> dict:
+    engine = llm.engine
+    return {"generate": lambda: llm.generate(PROMPTS, PARAMS), "step": engine.step,
+            "add_request": lambda: engine.add_request("x", [1, 2], SamplingParams()),
+            "abort_request": lambda: engine.abort_request("gen1-0"), "settle": engine.settle,
+            "export_trace": lambda: llm.export_trace(str(tmp_path / "trace.json")),
+            "device_spans": engine.timeline.device_spans,
+            "busy_fraction": lambda: engine.timeline.busy_fraction(0, 1),
+            "chrome_trace": engine.timeline.chrome_trace,
+            "drop_outputs": lambda: engine.drop_outputs({"gen1-0"}),
+            "put_back": lambda: engine.put_back([])}
+
+
+@pytest.mark.parametrize("async_scheduling,policy", [(False, "eager"), (True, "eager"),
+                                                     (True, "lazy")])
+@pytest.mark.parametrize("where", ["abort_request", "settle", "drop_outputs"])
+def test_a_second_interrupt_while_generate_abandons_its_requests_marks_the_engine_broken(
+        monkeypatch, async_scheduling, policy, where):
+    """The first Ctrl-C makes generate abort its own requests; a second one landing in that
+    clean-up leaves outputs nobody takes, or an abort half done (before: the engine claimed to
+    be usable with requests still unfinished, 1 double-SIGINT run in 50 on eager)."""
+    llm = make_llm(async_scheduling, policy)
+    engine, steps = llm.engine, {"n": 0}
+    real_step = engine.step
+
+    def first_interrupt():
+        steps["n"] += 1
+        if steps["n"] == 4:
+            raise KeyboardInterrupt  # as delivered at generate's safe point
+        return real_step()
+
+    def second_interrupt(*args):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(engine, "step", first_interrupt)
+    monkeypatch.setattr(engine, where, second_interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        llm.generate(PROMPTS, PARAMS)
+    monkeypatch.undo()
+    assert "KeyboardInterrupt" in engine.broken and "abandoned" in engine.broken
+    with pytest.raises(EngineBrokenError, match="Make a new LLM"):
+        llm.generate(PROMPTS, PARAMS)
+
+
 @pytest.mark.parametrize("async_scheduling,policy", TARGETS)
-def test_a_second_thread_gets_a_clear_error_at_once(reference, async_scheduling, policy):
+def test_a_second_thread_gets_a_clear_error_at_once(reference, tmp_path, async_scheduling,
+                                                    policy):
+    """Every call that needs the engine to itself (it changes state, or waits on the device)
+    is refused at once beside a running step; the read-only counters are answered."""
     llm = make_llm(async_scheduling, policy)
     inside, release = threading.Event(), threading.Event()
     real = llm.engine._step
 
     def slow_step():
-        inside.set()
-        release.wait(5)
+        if llm.engine.num_steps == 3:
+            inside.set()
+            release.wait(5)
         return real()
     llm.engine._step = slow_step
     results = {}
@@ -240,20 +287,92 @@ def test_a_second_thread_gets_a_clear_error_at_once(reference, async_scheduling,
                               name="first-caller")
     worker.start()
     assert inside.wait(5)
-    for call in (lambda: llm.generate(PROMPTS, PARAMS), llm.engine.step,
-                 lambda: llm.engine.add_request("x", [1, 2], SamplingParams()),
-                 lambda: llm.engine.abort_request("gen1-0")):
+    for name, call in calls_that_need_the_engine(llm, tmp_path).items():
         start = time.perf_counter()
         with pytest.raises(RuntimeError, match="while LLM.generate is running in thread "
                                                "'first-caller'"):
             call()
-        assert time.perf_counter() - start < 0.5  # at once, not after the other call
+        assert time.perf_counter() - start < 0.5, name  # at once, not after the other call
+    assert llm.stats()["num_steps"] == 3 and llm.engine.has_unfinished_requests()
     release.set()
     worker.join(10)
     del llm.engine._step
     assert [o.token_ids for o in results["out"]] == reference
     assert [o.token_ids for o in llm.generate(PROMPTS, PARAMS)] == reference  # now it may
     assert_idle(llm)
+    llm.export_trace(str(tmp_path / "after.json"))  # and from this thread, once it is idle
+    trace = json.loads((tmp_path / "after.json").read_text())["traceEvents"]
+    assert {e["args"]["step"] for e in trace if e.get("cat") == "device"} == \
+        set(range(1, llm.engine.num_steps + 1))
+
+
+@pytest.mark.parametrize("async_scheduling,policy", TARGETS)
+def test_export_trace_hammered_from_a_second_thread_never_changes_a_token(reference, tmp_path,
+                                                                          async_scheduling,
+                                                                          policy):
+    """Before: on sim lazy every request came back "length" with garbage ids (the exporter's
+    device wait ran the step's queued work in its own thread, out of order); on threaded the
+    exporter raised TypeError on events recorded after its wait."""
+    llm = make_llm(async_scheduling, policy)
+    done, seen = threading.Event(), {"refused": 0, "exported": 0, "other": []}
+
+    def hammer():
+        while not done.is_set():
+            try:
+                llm.export_trace(str(tmp_path / "trace.json"))
+                seen["exported"] += 1
+            except RuntimeError as exc:
+                if "while LLM.generate is running" not in str(exc):
+                    seen["other"].append(repr(exc))
+                seen["refused"] += 1
+            except BaseException as exc:  # noqa: BLE001 - the test reports it
+                seen["other"].append(repr(exc))
+    exporter = threading.Thread(target=hammer)
+    exporter.start()
+    generated = 0
+    try:
+        while generated < 3:
+            try:
+                outs = llm.generate(PROMPTS, PARAMS)
+            except RuntimeError as exc:  # one caller at a time: the exporter was inside
+                assert "while LLM.export_trace is running" in str(exc)
+                continue
+            assert [o.token_ids for o in outs] == reference
+            generated += 1
+    finally:
+        done.set()
+        exporter.join(10)
+    assert not seen["other"], seen["other"][:3]
+    assert seen["refused"] > 0
+    assert_idle(llm)
+
+
+@pytest.mark.parametrize("async_scheduling,policy", TARGETS)
+def test_a_second_thread_waiting_on_the_device_never_reorders_its_work(reference,
+                                                                       async_scheduling,
+                                                                       policy):
+    """Any thread may wait on a GPU; the device still runs each stream's work in order. On
+    sim lazy the waiting thread runs queued work itself, so it must take turns with the
+    engine's thread (before: items ran out of order, and a copy read an unwritten buffer)."""
+    llm = make_llm(async_scheduling, policy)
+    done, errors = threading.Event(), []
+
+    def wait_on_the_device():
+        while not done.is_set():
+            try:
+                llm.engine.device.synchronize()
+            except BaseException as exc:  # noqa: BLE001 - the test reports it
+                errors.append(repr(exc))
+            time.sleep(0)
+    waiter = threading.Thread(target=wait_on_the_device)
+    waiter.start()
+    try:
+        for _ in range(3):
+            assert [o.token_ids for o in llm.generate(PROMPTS, PARAMS)] == reference
+    finally:
+        done.set()
+        waiter.join(10)
+    assert not errors, errors[:3]
 
 
 @pytest.mark.parametrize("async_scheduling,policy", TARGETS)

@@ -35,7 +35,7 @@ def gate_cli(*args: str) -> subprocess.CompletedProcess:
 def test_device_cuda_without_a_gpu_is_a_usage_error_before_any_check():
     proc = gate_cli("--device", "cuda")
     assert proc.returncode == 2, proc.stdout + proc.stderr
-    assert "--device=cuda but no CUDA device" in proc.stdout
+    assert "--device=cuda but no CUDA device" in proc.stderr
     assert "PASS" not in proc.stdout and "FAIL" not in proc.stdout
 
 
@@ -47,7 +47,7 @@ def test_device_cuda_without_a_gpu_is_a_usage_error_before_any_check():
 def test_bad_options_are_usage_errors_before_any_check(args, says):
     proc = gate_cli(*args)
     assert proc.returncode == 2, proc.stdout + proc.stderr
-    assert says in proc.stdout
+    assert says in proc.stderr
     assert "PASS" not in proc.stdout and "FAIL" not in proc.stdout
 
 

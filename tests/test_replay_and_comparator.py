@@ -52,13 +52,13 @@ def test_replay_of_a_bad_file_exits_2_naming_it(tmp_path, capsys, content, says)
     if content is not None:
         path.write_text(content)
     assert main(["replay", str(path)]) == 2
-    assert says in capsys.readouterr().out
+    assert says in capsys.readouterr().err
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-CUDA message")
 def test_replay_on_cuda_without_a_gpu_exits_2_at_once(tmp_path, capsys):
     assert main(["replay", str(WORKLOAD.save(tmp_path / "w.json")), "--device", "cuda"]) == 2
-    assert "no CUDA device" in capsys.readouterr().out
+    assert "no CUDA device" in capsys.readouterr().err
 
 
 def _record(name, tokens, finish="length", logprobs=None):

@@ -100,7 +100,7 @@ def test_lockstep_zoo_runs_injections_in_fresh_processes(tmp_path):
 def test_lockstep_zoo_refuses_unknown_names():
     proc = subprocess.run([sys.executable, "-m", "lockstep", "zoo", "--only", "nope"],
                           capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 2 and "unknown injections ['nope']" in proc.stdout
+    assert proc.returncode == 2 and "unknown injections ['nope']" in proc.stderr
 
 
 def test_the_catalogue_lists_every_injection():

@@ -67,15 +67,15 @@ def verdict(r: dict) -> str | None:
 def run_zoo(options: ZooOptions) -> int:
     unknown = set(options.only) - set(INJECTIONS)
     if unknown:
-        print(f"lockstep zoo: --only: unknown injections {sorted(unknown)}")
+        print(f"lockstep zoo: --only: unknown injections {sorted(unknown)}", file=sys.stderr)
         return 2
     from ..gate import CHECKS
     bad_checks = set(options.checks) - {c.name for c in CHECKS}
     if bad_checks:
-        print(f"lockstep zoo: --checks: unknown gate checks {sorted(bad_checks)}")
+        print(f"lockstep zoo: --checks: unknown gate checks {sorted(bad_checks)}", file=sys.stderr)
         return 2
     if options.device not in ("cpu", "cuda"):
-        print(f"lockstep zoo: --device={options.device!r}: choose cpu or cuda")
+        print(f"lockstep zoo: --device={options.device!r}: choose cpu or cuda", file=sys.stderr)
         return 2
     names = list(options.only or INJECTIONS)
     if options.list_only:
