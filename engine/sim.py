@@ -69,14 +69,16 @@ class SimEvent:
         self._waiter: threading.Event | None = None
 
     def _complete(self) -> None:
-        self.time_ns = time.perf_counter_ns()
-        if self.fault is not None:
-            self.error = self.fault.error
-        with _completion:
-            self._done = True
-            waiter = self._waiter
-        if waiter is not None:
-            waiter.set()
+        try:
+            self.time_ns = time.perf_counter_ns()
+            if self.fault is not None:
+                self.error = self.fault.error
+        finally:  # an interrupt striking here (eager: the host thread) must not leave it pending
+            with _completion:
+                self._done = True
+                waiter = self._waiter
+            if waiter is not None:
+                waiter.set()
 
     def is_done(self) -> bool:
         return self._done
@@ -220,13 +222,23 @@ class SimStream:
             with self.device.run_lock:
                 while not event.is_done():
                     with self._queue.lock:
+                        if not self._queue.items:
+                            self._never_completes(event)
                         item = self._queue.items.popleft()
                     self._queue.execute(item)
         elif not event.is_done():
+            if self.policy == "eager":  # its completion already ran, in the host thread
+                self._never_completes(event)
             event.wait_done()
         if self._queue.error is not None:  # work queued outside any step failed
             error, self._queue.error = self._queue.error, None
             self.raise_fault(error, None)
+
+    def _never_completes(self, event: SimEvent) -> None:
+        """No work left that could complete ``event`` (the item that would have was cut short,
+        by an interrupt in the host thread): an error, never a wait that cannot end."""
+        raise RuntimeError(f"sim stream {self.name!r}: an event was waited on that can never "
+                           f"complete (the work completing it was interrupted)")
 
     def raise_fault(self, error: BaseException, fault: StepFault | None) -> None:
         """Report device work's failure to the host: an interrupt (any BaseException that is not

@@ -20,6 +20,7 @@ from lockstep.engine import SamplingParams
 
 from .comparator import Comparison, compare_runs
 from .driver import RequestResult, RunRecord, drive
+from .capabilities import capabilities_of
 from .engine_under_test import ASYNC_MODES, SYNC, EngineFactory, Mode, lockstep_engine
 from .workload import EngineSpec, RequestSpec, Workload
 
@@ -42,14 +43,18 @@ class DifferentialReport:
         return max((r.stats.get(name, 0) for r in self.runs.values()), default=0)
 
 
-def is_exact(spec: EngineSpec) -> bool:
-    """Exact comparison for the batch-invariant oracle; near-tie rules for float models."""
-    return spec.model == "oracle"
+def is_exact(spec: EngineSpec, factory: EngineFactory = lockstep_engine) -> bool:
+    """Exact comparison for the batch-invariant oracle, for an engine that declares exact
+    numerics, and for one that reports no top-2 logprobs to judge a near-tie with (its adapter
+    must make ties impossible); near-tie rules for other float models."""
+    caps = capabilities_of(factory)
+    return (spec.model == "oracle" or caps.exact or caps.max_logprobs is None
+            or caps.max_logprobs < 2)
 
 
-def for_comparison(workload: Workload) -> Workload:
+def for_comparison(workload: Workload, factory: EngineFactory = lockstep_engine) -> Workload:
     """Float models need each run's top-2 logprobs to judge a near-tie: ask for at least 2."""
-    if is_exact(workload.engine):
+    if is_exact(workload.engine, factory):
         return workload
     reqs = tuple(dataclasses.replace(r, params=dataclasses.replace(
         r.params, logprobs=max(r.params.logprobs or 0, 2))) for r in workload.requests)
@@ -62,18 +67,29 @@ def run_mode(workload: Workload, mode: Mode, factory: EngineFactory = lockstep_e
     return drive(workload, engine, mode.name, getattr(engine, "eos_token_ids", ()), guard)
 
 
-def run_differential(workload: Workload, modes: tuple[Mode, ...] = ASYNC_MODES,
-                     factory: EngineFactory = lockstep_engine, solo: bool = True,
-                     replay: str | None = None, guard: bool = True) -> DifferentialReport:
-    """Run ``workload`` on sync, on each of ``modes`` and (``solo``) each request alone; raise
-    :class:`~lockstep.property_tests.comparator.Divergence` or an invariant error on failure."""
-    devices = {m.device for m in modes}
+def reference_mode(modes: tuple[Mode, ...], reference: Mode | None = None) -> Mode:
+    """The sync mode the others are compared with: ``reference``, or sync on ``modes``' one
+    device (float logprobs differ between devices)."""
+    devices = {m.device for m in modes} | ({reference.device} if reference else set())
     if len(devices) != 1:
         raise ValueError(f"modes={[m.name for m in modes]}: give modes of one device (the sync "
                          f"reference runs there; float logprobs differ between devices)")
-    sync = SYNC if devices == {"sim"} else Mode(False, devices.pop())
-    workload = for_comparison(workload)
-    exact = is_exact(workload.engine)
+    if reference is not None:
+        return reference
+    device = devices.pop()
+    return SYNC if device == "sim" else Mode(False, device)
+
+
+def run_differential(workload: Workload, modes: tuple[Mode, ...] = ASYNC_MODES,
+                     factory: EngineFactory = lockstep_engine, solo: bool = True,
+                     replay: str | None = None, guard: bool = True,
+                     reference: Mode | None = None) -> DifferentialReport:
+    """Run ``workload`` on the sync ``reference`` (by default sync on ``modes``' device), on
+    each of ``modes`` and (``solo``) each request alone; raise
+    :class:`~lockstep.property_tests.comparator.Divergence` or an invariant error on failure."""
+    sync = reference_mode(modes, reference)
+    workload = for_comparison(workload, factory)
+    exact = is_exact(workload.engine, factory)
     report = DifferentialReport()
     # threaded sim spends its time waiting for its device threads: run it beside the others
     waiting = [m for m in modes if m.device == "sim" and m.policy == "threaded"]

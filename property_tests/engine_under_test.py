@@ -12,10 +12,12 @@ import time
 from dataclasses import dataclass
 from typing import Callable, Protocol, Sequence
 
+from lockstep import __version__
 from lockstep.engine import SamplingParams
 from lockstep.engine.config import EngineConfig
 from lockstep.engine.core import EngineCore
 
+from .capabilities import Capabilities
 from .invariants import EngineInvariants
 from .workload import EngineSpec
 
@@ -171,3 +173,12 @@ class LockstepEngine:
 def lockstep_engine(spec: EngineSpec, mode: Mode) -> LockstepEngine:
     """The default :data:`EngineFactory`."""
     return LockstepEngine(spec, mode)
+
+
+# Lockstep's engine declares everything: every sampling option per request, logprobs up to 20,
+# aborts, id reuse, forced preemption, sync and async on the simulated device and on CUDA. Float
+# models are judged by the near-tie rule; the oracle model compares exactly.
+lockstep_engine.capabilities = Capabilities(
+    engine="lockstep", adapter_version=__version__, exact=False,
+    modes=frozenset({(False, "sim"), (True, "sim"), (False, "cpu"), (False, "cuda"),
+                     (True, "cuda")}))

@@ -17,10 +17,11 @@ from hypothesis.errors import HypothesisException
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
+from .capabilities import Capabilities, narrow_params
 from .comparator import compare_runs
 from .differential import is_exact, run_solo
 from .driver import RequestResult, RunRecord, observe
-from .engine_under_test import SYNC, Mode, lockstep_engine
+from .engine_under_test import SYNC, EngineFactory, Mode, lockstep_engine
 from .invariants import InvariantViolation, OutputRules
 from .properties import failure, replay_dir
 from .strategies import prompts, sampling_params
@@ -30,7 +31,10 @@ DRAIN_BOUND = 400
 
 
 class EngineMachine(RuleBasedStateMachine):
-    """Sync and async (sim lazy) Lockstep engines under one random sequence of operations."""
+    """Sync and async (sim lazy) Lockstep engines under one random sequence of operations.
+
+    :func:`machine_for` makes the same machine for another engine: its reference mode first,
+    only the rules and sampling options its adapter declares."""
 
     modes: tuple[Mode, ...] = (SYNC, Mode(True, "sim", "lazy"))
     factory = staticmethod(lockstep_engine)
@@ -44,7 +48,9 @@ class EngineMachine(RuleBasedStateMachine):
         self.phase = 0   # 0: adds allowed, 1: aborts, 2: preemption done in this step
         self.spec = EngineSpec()
         self.failed = False
-        self.replay_path = replay_dir() / "engine_machine.json"
+        engine = self.caps.engine
+        self.replay_path = replay_dir() / ("engine_machine.json" if engine == "lockstep"
+                                           else f"engine_machine-{engine}.json")
 
     @initialize(block_size=st.sampled_from([2, 4]), extra_blocks=st.integers(0, 8),
                 budget=st.sampled_from([5, 16, 64]), max_num_seqs=st.integers(1, 6))
@@ -69,12 +75,13 @@ class EngineMachine(RuleBasedStateMachine):
     def add(self, data) -> None:
         self._add(f"r{len(self.requests)}", data)
 
-    @precondition(lambda self: self.phase == 0 and self.finished_everywhere)
+    @precondition(lambda self: self.phase == 0 and self.finished_everywhere
+                  and self.caps.reuse_ids)
     @rule(data=st.data())
     def reuse_id(self, data) -> None:
         self._add(data.draw(st.sampled_from(sorted(self.finished_everywhere))), data)
 
-    @precondition(lambda self: self.phase <= 1 and self.requests)
+    @precondition(lambda self: self.phase <= 1 and self.requests and self.caps.abort)
     @rule(data=st.data())
     def abort(self, data) -> None:
         rid = data.draw(st.sampled_from(sorted({r.request_id for r in self.requests})))
@@ -85,7 +92,7 @@ class EngineMachine(RuleBasedStateMachine):
                 engine.abort(rid)
         self.phase = 1
 
-    @precondition(lambda self: self.phase <= 1)
+    @precondition(lambda self: self.phase <= 1 and self.caps.force_preempt)
     @rule()
     def force_preemption(self) -> None:
         self.preempts.append(self.step_count)
@@ -143,13 +150,15 @@ class EngineMachine(RuleBasedStateMachine):
 
     def _compare_all(self) -> None:
         self.drain()
-        workload, path, exact = self.workload(), str(self.replay_path), is_exact(self.spec)
+        workload, path = self.workload(), str(self.replay_path)
+        exact = is_exact(self.spec, self.factory)
         records = {name: RunRecord(name, self.results[name]) for name in self.engines}
-        reference = records[SYNC.name]
+        reference = records[self.modes[0].name]
         for name, record in records.items():
-            if name != SYNC.name:
+            if name != self.modes[0].name:
                 compare_runs(reference, record, workload, exact, path)
-        compare_runs(run_solo(workload), reference, workload, exact, path)
+        compare_runs(run_solo(workload, self.factory, mode=self.modes[0]), reference, workload,
+                     exact, path)
         for state, reached in (("machine: preempted", self.preempts or any(
                 e.stats().get("num_preemptions") for e in self.engines.values())),
                 ("machine: reused an id", len({r.request_id for r in self.requests})
@@ -160,16 +169,21 @@ class EngineMachine(RuleBasedStateMachine):
     def _fail(self, exc: BaseException) -> None:
         """Save the history as a replay file and raise the failure with its path."""
         self.failed = True
-        raise failure(exc, self.workload(), self.replay_path) from exc
+        raise failure(exc, self.workload(), self.replay_path, self.factory) from exc
 
     # -- helpers ------------------------------------------------------------------------------
+
+    @property
+    def caps(self) -> Capabilities:
+        return self.factory.capabilities
 
     def workload(self) -> Workload:
         return Workload(self.spec, tuple(self.requests), tuple(self.aborts), tuple(self.preempts))
 
     def _add(self, rid: str, data) -> None:
         request = RequestSpec(rid, data.draw(prompts(self.spec.block_size)),
-                              data.draw(sampling_params()), self.step_count)
+                              narrow_params(data.draw(sampling_params()), self.caps),
+                              self.step_count)
         index = len(self.requests)
         occurrence = sum(r.request_id == rid for r in self.requests)
         self.requests.append(request)
@@ -186,3 +200,13 @@ class EngineMachine(RuleBasedStateMachine):
 
 
 TestEngineMachine = EngineMachine.TestCase
+
+
+def machine_for(factory: EngineFactory, modes: tuple[Mode, ...]) -> type[EngineMachine]:
+    """The stateful machine for ``factory``'s engine: ``modes[0]`` is the reference (sync), the
+    others run beside it; its replay file and database key are the engine's own."""
+    engine = factory.capabilities.engine
+    name = f"{engine.title()}EngineMachine"
+    return type(name, (EngineMachine,), {
+        "modes": tuple(modes), "factory": staticmethod(factory),
+        "__doc__": f"The stateful machine on {engine}: {', '.join(m.name for m in modes)}."})

@@ -8,14 +8,15 @@ hypothesis test itself, with ``event()`` counts of the hard states reached.
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 from pathlib import Path
 
 from hypothesis import event, given, target
 from hypothesis.errors import HypothesisException
 
-from .differential import DifferentialReport, run_differential
-from .engine_under_test import ASYNC_MODES, Mode
+from .differential import DifferentialReport, reference_mode, run_differential
+from .engine_under_test import ASYNC_MODES, EngineFactory, Mode, lockstep_engine
 from .strategies import workloads
 from .workload import Workload
 
@@ -36,19 +37,26 @@ def replay_dir() -> Path:
 
 def check_workload(workload: Workload, name: str = "async_matches_sync",
                    modes: tuple[Mode, ...] = ASYNC_MODES, solo: bool = True,
-                   replay_to: Path | None = None) -> DifferentialReport:
+                   replay_to: Path | None = None, factory: EngineFactory = lockstep_engine,
+                   reference: Mode | None = None) -> DifferentialReport:
     """Run the differential on ``workload``; on failure save it and raise PropertyFailure."""
     path = replay_to or replay_dir() / f"{name}.json"
     try:
-        return run_differential(workload, modes, solo=solo, replay=str(path))
+        return run_differential(workload, modes, factory, solo=solo, replay=str(path),
+                                reference=reference)
     except HypothesisException:
         raise
     except Exception as exc:  # an engine crash is a failure too, and gets its replay file
-        raise failure(exc, workload, path) from exc
+        raise failure(exc, workload, path, factory) from exc
 
 
-def failure(exc: BaseException, workload: Workload, path: Path) -> PropertyFailure:
-    """Save ``workload`` at ``path``; the failure's message: kind, text, which run, replay."""
+def failure(exc: BaseException, workload: Workload, path: Path,
+            factory: EngineFactory = lockstep_engine) -> PropertyFailure:
+    """Save ``workload`` (with the engine it ran on) at ``path``; the failure's message: kind,
+    text, which run, replay."""
+    caps = factory.capabilities
+    workload = dataclasses.replace(workload, engine_under_test=caps.engine,
+                                   adapter_version=caps.adapter_version)
     workload.save(path)
     message = "\n".join([str(exc), *getattr(exc, "__notes__", ())])
     if "replay:" not in message:
@@ -86,15 +94,22 @@ def record_states(workload: Workload, report: DifferentialReport) -> None:
 
 
 def async_matches_sync_property(model: str | None = "oracle",
-                                modes: tuple[Mode, ...] = ASYNC_MODES, vocab: int | None = None):
-    """The hypothesis test: async on every mode equals sync, and sync equals each request alone."""
-    devices = sorted({m.device for m in modes} - {"sim"})
+                                modes: tuple[Mode, ...] = ASYNC_MODES, vocab: int | None = None,
+                                factory: EngineFactory = lockstep_engine,
+                                reference: Mode | None = None):
+    """The hypothesis test: async on every mode equals sync, and sync equals each request
+    alone; on ``factory``'s engine (Lockstep's by default), generating only what it declares."""
+    reference = reference_mode(modes, reference)
+    engine = factory.capabilities.engine
+    devices = sorted({m.device for m in (*modes, reference)} - {"sim"})
     label = "default" if model is None else Path(model).name  # a checkpoint: its folder's name
-    name = "-".join(["async_matches_sync", label, *devices])
+    prefix = ["async_matches_sync"] + ([] if engine == "lockstep" else [engine])
+    name = "-".join([*prefix, label, *devices])
 
     def async_matches_sync(workload: Workload) -> None:
-        report = check_workload(workload, name, modes)
+        report = check_workload(workload, name, modes, factory=factory, reference=reference)
         record_states(workload, report)
     # the name is part of hypothesis' database key: each model's failures replay in its own test
     async_matches_sync.__name__ = async_matches_sync.__qualname__ = name.replace("-", "_")
-    return given(workloads(model=model, vocab=vocab))(async_matches_sync)
+    strategy = workloads(model=model, vocab=vocab, factory=factory, reference=reference)
+    return given(strategy)(async_matches_sync)

@@ -8,6 +8,10 @@
   budgets small enough to chunk prefills, forced preemptions;
 * arrivals and aborts in mid-run, an abort right after the add, and the reuse of an id whose
   previous request just finished or was aborted.
+
+For an engine other than Lockstep's, only what its adapter declares
+(:class:`~lockstep.property_tests.capabilities.Capabilities`) is generated; the rest is narrowed
+as :func:`~lockstep.property_tests.capabilities.narrowing` says.
 """
 from __future__ import annotations
 
@@ -17,6 +21,8 @@ from hypothesis import strategies as st
 
 from lockstep.engine import SamplingParams
 
+from .capabilities import capabilities_of, narrow_params
+from .engine_under_test import SYNC, EngineFactory, Mode, lockstep_engine
 from .workload import AbortSpec, EngineSpec, RequestSpec, Workload
 
 VOCAB = {"oracle": 512, None: 512}   # the embedded models; a checkpoint passes its own
@@ -55,10 +61,11 @@ def prompts(draw, block_size: int, vocab: int = 512) -> tuple[int, ...]:
     return tuple(draw(st.lists(st.integers(1, vocab - 1), min_size=length, max_size=length)))
 
 
-def _emitted_stop(draw, spec: EngineSpec, request: RequestSpec, index: int) -> RequestSpec:
+def _emitted_stop(draw, spec: EngineSpec, request: RequestSpec, index: int,
+                  factory: EngineFactory, reference: Mode) -> RequestSpec:
     """Put a token the model really emits for this request among its stop ids."""
     from .differential import solo_result
-    emitted = solo_result(spec, request, index).token_ids
+    emitted = solo_result(spec, request, index, factory, mode=reference).token_ids
     if not emitted:
         return request
     stop = draw(st.sampled_from(emitted))
@@ -69,8 +76,11 @@ def _emitted_stop(draw, spec: EngineSpec, request: RequestSpec, index: int) -> R
 
 @st.composite
 def workloads(draw, model: str | None = "oracle", vocab: int | None = None,
-              max_requests: int = MAX_REQUESTS) -> Workload:
-    """A workload for ``model`` (the oracle by default) aimed at the hard states."""
+              max_requests: int = MAX_REQUESTS, factory: EngineFactory = lockstep_engine,
+              reference: Mode = SYNC) -> Workload:
+    """A workload for ``model`` (the oracle by default) aimed at the hard states, using only
+    what ``factory``'s engine declares (``reference``: where its solo runs go)."""
+    caps = capabilities_of(factory)
     vocab = vocab or VOCAB.get(model, 512)
     block_size = draw(st.sampled_from([1, 2, 4, 8]))
     n = draw(st.integers(1, max_requests))
@@ -82,14 +92,14 @@ def workloads(draw, model: str | None = "oracle", vocab: int | None = None,
     arrival = 0
     for i in range(n):
         arrival += draw(st.sampled_from([0, 0, 1, 2, 5]))
-        reuse = requests and draw(st.integers(0, 4)) == 0
+        reuse = caps.reuse_ids and requests and draw(st.integers(0, 4)) == 0
         rid = draw(st.sampled_from([r.request_id for r in requests])) if reuse else f"r{i}"
-        request = RequestSpec(rid, draw(prompts(block_size, vocab)), draw(sampling_params(vocab)),
-                              arrival)
-        if draw(st.integers(0, 2)) == 0:
-            request = _emitted_stop(draw, base, request, i)
+        params = narrow_params(draw(sampling_params(vocab)), caps)
+        request = RequestSpec(rid, draw(prompts(block_size, vocab)), params, arrival)
+        if caps.supports("stop_token_ids") and draw(st.integers(0, 2)) == 0:
+            request = _emitted_stop(draw, base, request, i, factory, reference)
         requests.append(request)
-        if draw(st.integers(0, 4)) == 0:
+        if caps.abort and draw(st.integers(0, 4)) == 0:
             occurrence = sum(r.request_id == rid for r in requests) - 1
             aborts.append(AbortSpec(arrival + draw(st.sampled_from([0, 0, 1, 3])), rid,
                                     occurrence))
@@ -99,5 +109,6 @@ def workloads(draw, model: str | None = "oracle", vocab: int | None = None,
         num_kv_blocks=need + draw(st.sampled_from([0, 1, 2, need, 4 * need])),
         max_num_batched_tokens=draw(st.sampled_from([block_size + 1, 8, 16, 64, 1024])),
         max_num_seqs=draw(st.integers(1, 8)))
-    preempts = draw(st.lists(st.integers(0, 30), max_size=2, unique=True))
+    preempts = draw(st.lists(st.integers(0, 30), max_size=2, unique=True)) \
+        if caps.force_preempt else []
     return Workload(engine, tuple(requests), tuple(aborts), tuple(sorted(preempts)))

@@ -64,6 +64,9 @@ class Workload:
     requests: tuple[RequestSpec, ...] = ()
     aborts: tuple[AbortSpec, ...] = ()
     preempt_steps: tuple[int, ...] = ()   # driver steps that force-preempt the newest request
+    # the engine under test and its adapter's version (a replay runs there unless told otherwise)
+    engine_under_test: str = "lockstep"
+    adapter_version: str = ""
 
     def keys(self) -> list[tuple[str, int]]:
         """(request id, occurrence) for each request, in list order: how results are keyed."""
@@ -81,7 +84,9 @@ class Workload:
                               "params": _params_to_dict(r.params), "arrival": r.arrival}
                              for r in self.requests],
                 "aborts": [dataclasses.asdict(a) for a in self.aborts],
-                "preempt_steps": list(self.preempt_steps)}
+                "preempt_steps": list(self.preempt_steps),
+                "engine_under_test": {"name": self.engine_under_test,
+                                      "adapter_version": self.adapter_version}}
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=1, sort_keys=True)
@@ -124,9 +129,11 @@ class Workload:
         requests = tuple(RequestSpec(r["request_id"], tuple(r["prompt"]),
                                      SamplingParams(**r["params"]), r["arrival"])
                          for r in data["requests"])
+        tested = data.get("engine_under_test", {"name": "lockstep", "adapter_version": ""})
         workload = cls(EngineSpec(**data["engine"]), requests,
                        tuple(AbortSpec(**a) for a in data["aborts"]),
-                       tuple(data.get("preempt_steps", ())))
+                       tuple(data.get("preempt_steps", ())), str(tested["name"]),
+                       str(tested.get("adapter_version", "")))
         workload.validate()
         return workload
 

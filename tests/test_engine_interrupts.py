@@ -64,6 +64,17 @@ def sigint_after(delay_s: float, count: int = 1, gap_s: float = 0.001) -> None:
     signal.setitimer(signal.ITIMER_REAL, delay_s)
 
 
+def disarm_sigints() -> None:
+    """Cancel the timer; a SIGINT already on its way (a late second one) lands here."""
+    while True:
+        try:
+            signal.setitimer(signal.ITIMER_REAL, 0)
+            time.sleep(0.005)
+            return
+        except KeyboardInterrupt:
+            continue
+
+
 def sigint_at_random_moments(async_scheduling: bool, policy: str, runs: int = 24) -> dict:
     """``runs`` generate calls, each sent one SIGINT at a random moment within one call's
     duration; after each, the engine must be consistent and give the reference tokens."""
@@ -79,13 +90,13 @@ def sigint_at_random_moments(async_scheduling: bool, policy: str, runs: int = 24
     rng = random.Random(f"{async_scheduling}{policy}")
     interrupted = 0
     for _ in range(runs):
-        sigint_after(rng.uniform(1e-4, 0.8 * duration))  # inside the call, at a random point
         try:
+            sigint_after(rng.uniform(1e-4, 0.8 * duration))  # inside the call, at a random point
             outs = llm.generate(PROMPTS, PARAMS)
             assert [o.token_ids for o in outs] == expected
         except KeyboardInterrupt:
             interrupted += 1
-        signal.setitimer(signal.ITIMER_REAL, 0)
+        disarm_sigints()
         assert llm.engine.broken is None
         assert_idle(llm)
     assert [o.token_ids for o in llm.generate(PROMPTS, PARAMS)] == expected
@@ -100,9 +111,9 @@ def double_sigint(async_scheduling: bool, policy: str, runs: int = 12) -> dict:
     outcomes = {"consistent": 0, "broken": 0}
     for _ in range(runs):
         llm = make_llm(async_scheduling, policy)
-        sigint_after(rng.uniform(1e-4, 0.02), count=2)
         try:
             try:
+                sigint_after(rng.uniform(1e-4, 0.02), count=2)  # may fire before it returns
                 llm.generate(PROMPTS * 4, PARAMS * 4)
                 raise AssertionError("two SIGINTs did not interrupt generate")
             except KeyboardInterrupt:
@@ -110,7 +121,7 @@ def double_sigint(async_scheduling: bool, policy: str, runs: int = 12) -> dict:
             time.sleep(0.01)  # where the second lands when the first already ended the call
         except KeyboardInterrupt:
             pass
-        signal.setitimer(signal.ITIMER_REAL, 0)
+        disarm_sigints()
         if llm.engine.broken is None:
             outcomes["consistent"] += 1
             assert_idle(llm)

@@ -1,9 +1,12 @@
 """``lockstep replay`` reproduces saved failures; the comparator's messages say where and what."""
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
+import lockstep
 from lockstep.ci.cli import main
 from lockstep.engine import SamplingParams
 from lockstep.engine.scheduler import Scheduler
@@ -25,6 +28,12 @@ def schedule_one_token_past_max_tokens(monkeypatch):
     monkeypatch.setattr(Scheduler, "_tokens_to_schedule", tokens_to_schedule)
 
 
+def as_saved(workload: Workload) -> Workload:
+    """A failure's file records the engine it ran on and its adapter's version."""
+    return dataclasses.replace(workload, engine_under_test="lockstep",
+                               adapter_version=lockstep.__version__)
+
+
 def test_replay_passes_on_the_clean_engine(tmp_path, capsys):
     path = WORKLOAD.save(tmp_path / "w.json")
     assert main(["replay", str(path)]) == 0
@@ -41,7 +50,7 @@ def test_replay_reproduces_a_saved_failure_with_the_comparators_message(tmp_path
     assert "FAIL  InvariantViolation: r0: scheduled to 2 computed tokens, past prompt + " \
            "max_tokens - 1 = 1" in out
     assert f"replay: lockstep replay {path}" in out
-    assert Workload.load(path) == WORKLOAD
+    assert Workload.load(path) == as_saved(WORKLOAD)
 
 
 @pytest.mark.parametrize("content, says", [(None, "does not exist"),
@@ -123,7 +132,7 @@ def test_an_engine_crash_is_a_failure_with_a_replay_file_that_names_the_run(tmp_
     assert message.startswith("Divergence: sync sim/eager: request 'r0'#0 failed: step 1 "
                               "failed in collect: AssertionError: r0: negative placeholders")
     assert "replay: lockstep replay" in message
-    assert Workload.load(tmp_path / "crash.json") == WORKLOAD
+    assert Workload.load(tmp_path / "crash.json") == as_saved(WORKLOAD)
 
 
 def test_a_missing_logprobs_entry_is_reported_not_a_crash():

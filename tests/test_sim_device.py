@@ -73,3 +73,57 @@ def test_device_work_failure_surfaces_at_the_next_host_wait(policy):
     dev.launch(dev.compute, lambda: 1 / 0)
     with pytest.raises((RuntimeError, ZeroDivisionError)):
         dev.synchronize()
+
+
+def _within(seconds: float, call) -> BaseException | None:
+    """Run ``call`` in a thread; fail if it is still waiting after ``seconds``, else what it
+    raised (None if nothing)."""
+    import threading
+    raised: list[BaseException | None] = [None]
+
+    def run():
+        try:
+            call()
+        except BaseException as exc:  # noqa: BLE001 - handed to the test
+            raised[0] = exc
+    worker = threading.Thread(target=run, daemon=True)
+    worker.start()
+    worker.join(seconds)
+    assert not worker.is_alive(), "the wait never ended"
+    return raised[0]
+
+
+def test_an_interrupt_inside_an_eager_event_completion_still_completes_it(monkeypatch):
+    """Before: a SIGINT in the host thread inside the completion left the event pending, and the
+    skewed policy's copy stream then waited on it forever (a hang after a double Ctrl-C)."""
+    import lockstep.engine.sim as sim
+    device = SimDevice("skewed")
+    real, calls = sim.time.perf_counter_ns, {"n": 0}
+
+    def interrupted():
+        calls["n"] += 1
+        if calls["n"] == 1:
+            raise KeyboardInterrupt
+        return real()
+    monkeypatch.setattr(sim.time, "perf_counter_ns", interrupted)
+    event = device.record(device.compute)   # eager: completes (or is cut short) at once
+    monkeypatch.setattr(sim.time, "perf_counter_ns", real)
+    assert event.is_done()
+    device.wait(device.copy, event)
+    # the interrupt reaches the host at its next wait, as device work's would; then all is well
+    assert isinstance(_within(5, device.copy.synchronize), KeyboardInterrupt)
+    assert _within(5, device.copy.synchronize) is None
+
+
+@pytest.mark.parametrize("policy", ["eager", "lazy"])
+def test_a_wait_that_can_never_end_is_an_error_not_a_hang(policy):
+    device = SimDevice(policy)
+    orphan = sim_event_never_enqueued(device)
+    error = _within(5, orphan.synchronize)
+    assert isinstance(error, RuntimeError) and "can never complete" in str(error)
+
+
+def sim_event_never_enqueued(device: SimDevice):
+    """An event whose completing item is gone (as when an interrupt cut it short)."""
+    from lockstep.engine.sim import SimEvent
+    return SimEvent(device.compute)
