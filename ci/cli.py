@@ -25,6 +25,9 @@ def main(argv: list[str] | None = None) -> int:
                       help="write results as JUnit XML")
     gate.add_argument("--only", default="", metavar="CHECKS",
                       help="comma-separated check names to run (default: all)")
+    gate.add_argument("--engine", default="lockstep", metavar="NAME|module:factory",
+                      help="the engine under test: lockstep (default), transformers, or a "
+                      "factory of your own adapter (see docs/engines.md)")
     gate.add_argument("--record-perf-baseline", action="store_true",
                       help="with --device cuda: measure and store this GPU's perf baseline")
     zoo = sub.add_parser("zoo", help="apply every fault injection in a fresh process, prove it "
@@ -73,6 +76,8 @@ def main(argv: list[str] | None = None) -> int:
     rep.add_argument("--device", default="sim", choices=["sim", "cuda"])
     rep.add_argument("--policy", default=None, choices=["eager", "lazy", "threaded", "skewed"],
                      help="one sim policy (default: all three)")
+    rep.add_argument("--engine", default=None, metavar="NAME|module:factory",
+                     help="the engine to replay on (default: the one the file records)")
     fuzz = sub.add_parser("fuzz", help="a long fuzzing session of the differential property "
                           "on K workers sharing one example database (exit status 1 on failure)")
     fuzz.add_argument("--minutes", type=float, required=True, help="session length (may be 0.5)")
@@ -83,6 +88,11 @@ def main(argv: list[str] | None = None) -> int:
                       help="replay files and logs, one folder per worker")
     fuzz.add_argument("--profile", default="fuzz", choices=["ci", "dev", "fuzz"],
                       help="hypothesis settings profile (default: fuzz)")
+    fuzz.add_argument("--engine", default="lockstep", metavar="NAME|module:factory",
+                      help="the engine under test: lockstep (default), transformers, or a "
+                      "factory of your own adapter (see docs/engines.md)")
+    fuzz.add_argument("--device", default="cpu", choices=["cpu", "cuda"],
+                      help="cpu: the simulated device where the engine has one (default)")
     fuzz.add_argument("--model", default="oracle", choices=["oracle", "default"],
                       help="the embedded model the workloads run on (default: oracle)")
     args = parser.parse_args(argv)
@@ -93,17 +103,18 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "fuzz":
         from lockstep.property_tests.fuzz import FuzzConfig, run_fuzz
         return run_fuzz(FuzzConfig(args.minutes, args.workers, args.db, Path(args.out),
-                                   args.profile, args.model))
+                                   args.profile, args.model, args.engine, args.device))
     if args.command == "replay":
         from lockstep.property_tests.replay import replay
-        return replay(args.file, device=args.device, policy=args.policy)
+        return replay(args.file, device=args.device, policy=args.policy, engine=args.engine)
     if args.command == "gate":
         from .gate import GateOptions, run_gate
         if args.record_perf_baseline:
             return _record_perf_baseline(args.device)
         return run_gate(GateOptions(model=args.model, device=args.device, quick=args.quick,
                                     json_path=args.json_path, junit_path=args.junit_path,
-                                    only=tuple(n for n in args.only.split(",") if n)))
+                                    only=tuple(n for n in args.only.split(",") if n),
+                                    engine=args.engine))
     if args.command == "zoo":
         from .zoo.runner import ZooOptions, run_zoo
         return run_zoo(ZooOptions(device=args.device, jobs=args.jobs, json_path=args.json_path,

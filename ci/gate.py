@@ -27,6 +27,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -55,7 +56,14 @@ class GateOptions:
     stall_s: float = 15.0
     only: tuple[str, ...] = ()    # check names (the zoo stops at the first failure anyway)
     stop_at_first_failure: bool = False
+    engine: str = "lockstep"      # --engine NAME|module:factory
     vocab: int | None = field(default=None, init=False)
+    factory: Any = field(default=None, init=False)   # the engine's, once validated
+
+    @property
+    def foreign(self) -> bool:
+        """An engine other than Lockstep's: the checks of Lockstep's own engine do not apply."""
+        return self.factory is not None and self.factory.capabilities.engine != "lockstep"
 
 
 @dataclass(frozen=True)
@@ -66,6 +74,7 @@ class Check:
     quick: bool
     devices: tuple[str, ...] = ("cpu", "cuda")
     deadline_s: float = 600.0
+    any_engine: bool = False   # runs through the adapter on any engine (else Lockstep's only)
 
 
 def validate(options: GateOptions) -> None:
@@ -74,6 +83,15 @@ def validate(options: GateOptions) -> None:
         raise UsageError(f"--device={options.device!r}: choose cpu or cuda")
     if options.device == "cuda" and not torch.cuda.is_available():
         raise UsageError("--device=cuda but no CUDA device is available on this machine")
+    from lockstep.property_tests.adapters import EngineSpecError, engine_modes, resolve_engine
+    try:
+        options.factory = resolve_engine(options.engine)
+        engine_modes(options.factory, options.device)
+    except EngineSpecError as exc:
+        raise UsageError(str(exc)) from None
+    if options.foreign and options.model is not None:
+        raise UsageError(f"--model={options.model!r} applies to Lockstep's engine; the "
+                         f"{options.engine} adapter builds its own model")
     model = options.model
     if model not in (None, "oracle"):
         path = Path(model)
@@ -115,11 +133,19 @@ def run_gate(options: GateOptions) -> int:
                         quick=options.quick)
     print(f"lockstep gate: model={result.model} device={options.device}"
           f"{' (quick)' if options.quick else ''}, {len(checks)} checks")
-    on_model = [c.name for c in checks if c.uses_model]
-    print(f"  on the model: {', '.join(on_model) or 'none'}; the others always use the oracle "
-          f"(exact comparisons){'' if options.device == 'cpu' else ', perf its own model'}")
+    if options.foreign:
+        from lockstep.property_tests.adapters import describe
+        for line in describe(options.factory, options.device):
+            print(f"  {line}")
+    else:
+        on_model = [c.name for c in checks if c.uses_model]
+        perf = "" if options.device == "cpu" else ", perf its own model"
+        print(f"  on the model: {', '.join(on_model) or 'none'}; the others always use the "
+              f"oracle (exact comparisons){perf}")
     for check in checks:
-        outcome = run_check(check, options)
+        outcome = run_check(check, options) if check.any_engine or not options.foreign else \
+            CheckResult(check.name, "n/a", 0.0, f"checks Lockstep's own engine, not "
+                                                f"{options.engine}")
         result.checks.append(outcome)
         print(outcome.line())
         for line in outcome.report_lines(MESSAGE_LINES):
@@ -127,7 +153,8 @@ def run_gate(options: GateOptions) -> int:
         if outcome.status == "fail" and options.stop_at_first_failure:
             break
     passed = sum(c.status == "pass" for c in result.checks)
-    print(f"gate: {'passed' if result.passed else 'FAILED'} ({passed}/{len(result.checks)}) "
+    ran = sum(c.status != "n/a" for c in result.checks)
+    print(f"gate: {'passed' if result.passed else 'FAILED'} ({passed}/{ran}) "
           f"in {result.seconds:.0f} s")
     if options.json_path:
         result.write_json(options.json_path)
@@ -150,10 +177,10 @@ def run_check(check: Check, options: GateOptions) -> CheckResult:
 CHECKS: list[Check] = [
     Check("targeted-cuda", check_targeted_cuda, False, True, ("cuda",)),
     Check("property-cuda", check_property_cuda, False, False, ("cuda",)),
-    Check("targeted", check_targeted, False, True),
+    Check("targeted", check_targeted, False, True, any_engine=True),
     Check("generate", check_generate, True, True),
-    Check("property", check_property, False, True),
-    Check("machine", check_machine, False, False),
+    Check("property", check_property, False, True, any_engine=True),
+    Check("machine", check_machine, False, False, any_engine=True),
     Check("property-model", check_property_model, True, False),
     Check("perf", check_perf, False, False, ("cuda",), deadline_s=300.0),
 ]

@@ -1,12 +1,15 @@
 """The bodies of the gate's checks: each returns a one-line summary or raises the failure."""
 from __future__ import annotations
 
+import dataclasses
 from typing import TYPE_CHECKING
 
 from hypothesis import settings
 
 import sync_guard
 from lockstep.engine import LLM, SamplingParams
+from lockstep.property_tests.adapters import engine_modes
+from lockstep.property_tests.capabilities import narrow_workload
 from lockstep.property_tests.comparator import compare_runs
 from lockstep.property_tests.differential import is_exact
 from lockstep.property_tests.driver import RequestResult, RunRecord
@@ -41,7 +44,32 @@ def _targeted(modes: tuple[Mode, ...], label: str) -> str:
 
 
 def check_targeted(options: GateOptions) -> str:
+    if options.foreign:
+        return _targeted_on_engine(options)
     return _targeted(SIM_MODES, "")
+
+
+def _targeted_on_engine(options: GateOptions) -> str:
+    """The targeted workloads on another engine, narrowed to what it declares."""
+    factory = options.factory
+    caps = factory.capabilities
+    reference, modes = engine_modes(factory, options.device)
+    workloads = targeted_workloads("oracle")
+    narrowed = []
+    for name, workload in workloads.items():
+        runnable = narrow_workload(dataclasses.replace(
+            workload, engine=dataclasses.replace(workload.engine, model=None)), caps)
+        narrowed += [name] if runnable.requests != workload.requests or \
+            runnable.aborts != workload.aborts else []
+        try:
+            check_workload(runnable, f"targeted-{caps.engine}-{name}", modes, factory=factory,
+                           reference=reference)
+        except AssertionError as exc:
+            exc.add_note(f"  workload: targeted {name} (lockstep.ci.targeted.{name}), "
+                         f"narrowed to what {caps.engine} declares")
+            raise
+    return (f"{len(workloads)} workloads ({len(narrowed)} narrowed): "
+            f"{' = '.join([reference.name, *(m.name for m in modes), 'solo'])} ({caps.engine})")
 
 
 def check_targeted_cuda(options: GateOptions) -> str:
@@ -55,6 +83,11 @@ def _property(prop, options: GateOptions) -> str:
 
 
 def check_property(options: GateOptions) -> str:
+    if options.foreign:
+        reference, modes = engine_modes(options.factory, options.device)
+        prop = async_matches_sync_property(None, modes, factory=options.factory,
+                                           reference=reference)
+        return _property(prop, options) + f" ({options.factory.capabilities.engine})"
     return _property(async_matches_sync_property("oracle"), options) + " (oracle)"
 
 
@@ -68,7 +101,13 @@ def check_property_model(options: GateOptions) -> str:
 
 
 def check_machine(options: GateOptions) -> str:
-    from lockstep.property_tests.machine import TestEngineMachine
+    from lockstep.property_tests.machine import TestEngineMachine, machine_for
+    if options.foreign:
+        reference, modes = engine_modes(options.factory, options.device)
+        machine = machine_for(options.factory, (reference, *modes))
+        machine.TestCase("runTest").runTest()
+        return f"{settings().max_examples} programs, ci profile " \
+               f"({options.factory.capabilities.engine})"
     TestEngineMachine("runTest").runTest()
     return f"{settings().max_examples} programs, ci profile (oracle)"
 

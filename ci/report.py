@@ -40,7 +40,7 @@ def classify(exc: BaseException) -> tuple[str, str, str, str | None]:
 @dataclass
 class CheckResult:
     name: str
-    status: str            # "pass" or "fail"
+    status: str            # "pass", "fail", or "n/a" (the check does not apply to the engine)
     seconds: float
     detail: str
     detector: str | None = None
@@ -74,7 +74,8 @@ class GateResult:
 
     @property
     def passed(self) -> bool:
-        return bool(self.checks) and all(c.status == "pass" for c in self.checks)
+        ran = [c for c in self.checks if c.status != "n/a"]
+        return bool(ran) and all(c.status == "pass" for c in ran)
 
     @property
     def seconds(self) -> float:
@@ -94,8 +95,9 @@ class GateResult:
     def write_junit(self, path: str) -> None:
         """One <testsuite> of one <testcase> per check, as CI systems read JUnit XML."""
         failures = sum(c.status == "fail" for c in self.checks)
+        skipped = sum(c.status == "n/a" for c in self.checks)
         suite = ET.Element("testsuite", name="lockstep gate", tests=str(len(self.checks)),
-                           failures=str(failures), errors="0", skipped="0",
+                           failures=str(failures), errors="0", skipped=str(skipped),
                            time=f"{self.seconds:.3f}",
                            timestamp=time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(self.started)))
         props = ET.SubElement(suite, "properties")
@@ -109,6 +111,8 @@ class GateResult:
                 failure = ET.SubElement(case, "failure", type=c.detector or "failure",
                                         message=c.detail)
                 failure.text = "\n".join(c.report_lines(40))
+            elif c.status == "n/a":
+                ET.SubElement(case, "skipped", message=c.detail)
             else:
                 ET.SubElement(case, "system-out").text = c.detail
         tree = ET.ElementTree(ET.Element("testsuites"))

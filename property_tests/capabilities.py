@@ -91,8 +91,6 @@ def narrowing(caps: Capabilities) -> list[str]:
     if not caps.force_preempt:
         lines.append("no forced preemption: the engine preempts only when it runs out of KV "
                      "blocks")
-    if not caps.exact and caps.max_logprobs is not None and caps.max_logprobs >= 2:
-        lines.append("float numerics: a first divergence must be a near-tie on top-2 logprobs")
     return lines + list(caps.notes)
 
 
@@ -135,3 +133,20 @@ def unsupported(workload: Workload, caps: Capabilities) -> str | None:
     if workload.preempt_steps and not caps.force_preempt:
         return f"preempt_steps: {caps.engine} cannot be forced to preempt"
     return None
+
+
+def narrow_workload(workload: Workload, caps: Capabilities) -> Workload:
+    """``workload`` with only what ``caps`` declares: options reset (greedy where random
+    sampling cannot be compared), aborts and forced preemptions dropped, reused ids renamed."""
+    import dataclasses
+    requests, seen = [], {}
+    for r in workload.requests:
+        rid = r.request_id
+        if not caps.reuse_ids and rid in seen:
+            rid = f"{rid}~{seen[r.request_id]}"
+        seen[r.request_id] = seen.get(r.request_id, 0) + 1
+        requests.append(dataclasses.replace(r, request_id=rid,
+                                            params=narrow_params(r.params, caps)))
+    return dataclasses.replace(
+        workload, requests=tuple(requests), aborts=workload.aborts if caps.abort else (),
+        preempt_steps=workload.preempt_steps if caps.force_preempt else ())

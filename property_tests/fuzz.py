@@ -57,7 +57,9 @@ class FuzzConfig:
     db: str
     out: Path
     profile: str = "fuzz"
-    model: str = "oracle"   # or "default", the embedded default model
+    model: str = "oracle"   # or "default", the embedded default model (Lockstep's engine)
+    engine: str = "lockstep"   # --engine NAME|module:factory
+    device: str = "cpu"        # cpu (the simulated device where the engine has one) or cuda
 
 
 def open_database(spec: str) -> ExampleDatabase:
@@ -88,9 +90,20 @@ def validate(config: FuzzConfig) -> None:
              f"> 0, got {config.minutes}"),
             (config.workers >= 1, f"--workers must be at least 1, got {config.workers}"),
             (config.profile in profiles.PROFILES, f"--profile must be one of {profiles.PROFILES}"),
-            (config.model in ("oracle", "default"), "--model must be oracle or default")]:
+            (config.model in ("oracle", "default"), "--model must be oracle or default"),
+            (config.device in ("cpu", "cuda"), f"--device must be cpu or cuda, got "
+             f"{config.device!r}")]:
         if not ok:
             raise FuzzArgumentError(message)
+    from .adapters import EngineSpecError, engine_modes, resolve_engine
+    try:
+        engine_modes(resolve_engine(config.engine), config.device)
+    except EngineSpecError as exc:
+        raise FuzzArgumentError(str(exc)) from None
+    if config.device == "cuda":
+        import torch
+        if not torch.cuda.is_available():
+            raise FuzzArgumentError("--device cuda but no CUDA device is available")
     database = open_database(config.db)
     folders = [("--out", Path(config.out))]
     if isinstance(database, DirectoryBasedExampleDatabase):
@@ -143,6 +156,10 @@ class _Worker:
                 raise
 
         properties.check_workload, properties.event = observed_check, self._event
+        from .adapters import engine_modes, resolve_engine
+        self.factory = resolve_engine(config.engine)
+        self.reference, self.modes = engine_modes(self.factory, config.device)
+        self.default = config.engine == "lockstep" and config.device == "cpu"
         self.machine = self._load_machine()
 
     def _event(self, value: str, payload: Any = "") -> None:
@@ -157,6 +174,9 @@ class _Worker:
             case = getattr(module, "TestEngineMachine", None)
             name = case.__qualname__.removesuffix(".TestCase") if case else ""
             cls = getattr(module, name, None)
+            if not self.default and cls is not None:   # the same machine on this engine
+                cls = module.machine_for(self.factory, (self.reference, *self.modes))
+                case = cls.TestCase
         except Exception as exc:  # a machine being written must not stop the differential
             self.queue.put(("note", self.index, f"stateful machine not run: {exc!r}"))
             return None
@@ -222,9 +242,15 @@ class _Worker:
             if target == "machine" and self.machine:
                 from hypothesis.stateful import run_state_machine_as_test
                 run_state_machine_as_test(seed(run_seed)(self.machine), settings=chosen)
-            else:
+            elif self.default:
                 model = None if self.config.model == "default" else self.config.model
                 chosen(seed(run_seed)(self.props.async_matches_sync_property(model)))()
+            else:
+                model = self.config.model if self.config.engine == "lockstep" else None
+                prop = self.props.async_matches_sync_property(
+                    None if model == "default" else model, self.modes, factory=self.factory,
+                    reference=self.reference)
+                chosen(seed(run_seed)(prop))()
         except _TimeUp:
             error = self.failure   # a failure found, but the deadline ended its shrinking
         except Exception as exc:
@@ -343,7 +369,9 @@ def run_fuzz(config: FuzzConfig, stream: TextIO = sys.stdout) -> int:
     except FuzzArgumentError as exc:
         print(f"lockstep fuzz: {exc}", file=sys.stderr)
         return 2
-    from .engine_under_test import ASYNC_MODES
+    from .adapters import describe, engine_modes, resolve_engine
+    factory = resolve_engine(config.engine)
+    modes = engine_modes(factory, config.device)[1]
     start, session = time.time(), f"{random.SystemRandom().getrandbits(64):x}"
     ctx = multiprocessing.get_context("spawn")
     queue = ctx.Queue()
@@ -354,6 +382,8 @@ def run_fuzz(config: FuzzConfig, stream: TextIO = sys.stdout) -> int:
     print(f"lockstep fuzz: {config.minutes:g} min, {config.workers} worker(s), db {config.db}, "
           f"out {config.out}, profile {config.profile}, model {config.model}, stateful machine "
           f"{machine}", file=stream, flush=True)
+    for line in describe(factory, config.device):
+        print(f"  {line}", file=stream, flush=True)
     for proc in procs:
         proc.start()
     last, interrupted, end = start, False, start + config.minutes * 60 + GRACE_S
@@ -396,7 +426,7 @@ def run_fuzz(config: FuzzConfig, stream: TextIO = sys.stdout) -> int:
             proc.terminate()
     elapsed = time.time() - start
     print(f"{chr(10) if tty else ''}lockstep fuzz: {'interrupted' if interrupted else 'done'} "
-          f"after {elapsed:.1f} s\n{summary(tallies, elapsed, len(ASYNC_MODES))}", file=stream)
+          f"after {elapsed:.1f} s\n{summary(tallies, elapsed, len(modes))}", file=stream)
     lines = [f"ERROR worker {i}: {error}" for i, t in enumerate(tallies) for error in t.errors]
     failures = [f["replay"] or f"(no replay file; see {f['log']})"
                 for t in tallies for f in t.failures]

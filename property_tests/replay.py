@@ -13,6 +13,8 @@ from pathlib import Path
 
 from lockstep.engine import SamplingParams
 
+from .adapters import EngineSpecError, engine_modes, resolve_engine
+from .capabilities import unsupported
 from .engine_under_test import ASYNC_MODES, SYNC, Mode, lockstep_engine
 from .properties import PropertyFailure, check_workload
 from .workload import Workload
@@ -58,11 +60,25 @@ def _usage_error(message: str) -> int:
     return 2
 
 
-def replay(path: str, device: str = "sim", policy: str | None = None) -> int:
+def replay(path: str, device: str = "sim", policy: str | None = None,
+           engine: str | None = None) -> int:
+    """Re-run the workload in ``path`` on ``engine`` (by default the one the file records)."""
     file = Path(path)
     try:
         workload = Workload.load(file)
-        check_runnable(workload, device)
+        engine = engine or workload.engine_under_test
+        factory = resolve_engine(engine)
+        caps = factory.capabilities
+        if caps.engine == "lockstep":
+            check_runnable(workload, device)
+            reference, modes = None, modes_for(device, policy)
+        else:
+            reference, modes = engine_modes(factory, "cpu" if device == "sim" else device)
+        missing = unsupported(workload, caps)
+        if missing:
+            raise ValueError(missing)
+    except EngineSpecError as exc:
+        return _usage_error(str(exc))
     except FileNotFoundError:
         return _usage_error(f"FILE={path!r} does not exist")
     except OSError as exc:
@@ -71,11 +87,15 @@ def replay(path: str, device: str = "sim", policy: str | None = None) -> int:
         return _usage_error(f"FILE={path!r} is not a workload file: {exc}")
     except ValueError as exc:
         return _usage_error(f"FILE={path!r}: {exc}")
-    modes = modes_for(device, policy)
     print(f"lockstep replay {file}: {len(workload.requests)} requests, "
-          f"{len(workload.aborts)} aborts; sync vs {', '.join(m.name for m in modes)} and solo")
+          f"{len(workload.aborts)} aborts; on {caps.engine} (adapter {caps.adapter_version}): "
+          f"sync vs {', '.join(m.name for m in modes) or 'nothing async'} and solo")
+    if workload.adapter_version and workload.adapter_version != caps.adapter_version \
+            and workload.engine_under_test == caps.engine:
+        print(f"  note: the file was written by adapter {workload.adapter_version}")
     try:
-        report = check_workload(workload, modes=modes, replay_to=file)
+        report = check_workload(workload, modes=modes, replay_to=file, factory=factory,
+                                reference=reference)
     except PropertyFailure as failure:
         print(f"FAIL  {failure}")
         return 1

@@ -47,3 +47,30 @@ def resolve_engine(name: str):
         except (ImportError, RuntimeError, ValueError) as exc:
             raise EngineSpecError(f"--engine {name!r}: {exc}") from None
     return factory
+
+
+def engine_modes(factory, device: str) -> tuple["Mode", tuple["Mode", ...]]:
+    """(the sync reference, the async modes) ``factory``'s engine runs on ``device`` ("cpu":
+    the simulated device where the engine has one, else the CPU; "cuda"), as it declares;
+    EngineSpecError when it declares no sync mode there."""
+    from ..engine_under_test import ASYNC_MODES, SYNC, Mode
+    caps = factory.capabilities
+    if device == "cpu" and caps.runs(False, "sim"):
+        return SYNC, (ASYNC_MODES if caps.runs(True, "sim") else ())
+    if not caps.runs(False, device):
+        raise EngineSpecError(f"--device {device}: {caps.engine} declares no sync mode there "
+                              f"(it runs on {', '.join(caps.devices())})")
+    return Mode(False, device), ((Mode(True, device),) if caps.runs(True, device) else ())
+
+
+def describe(factory, device: str) -> list[str]:
+    """What a run on ``factory``'s engine compares and what it leaves out, in words: every run
+    prints this (a narrowing is never silent)."""
+    from ..capabilities import narrowing
+    caps = factory.capabilities
+    reference, modes = engine_modes(factory, device)
+    compared = " vs ".join([reference.name, *(m.name for m in modes), "solo"])
+    lines = [f"engine {caps.engine} (adapter {caps.adapter_version}): {compared}"]
+    if not modes:
+        lines.append(f"no async mode on {device}: sync against each request alone only")
+    return lines + [f"narrowed: {line}" for line in narrowing(caps)]
