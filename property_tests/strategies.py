@@ -94,8 +94,9 @@ def workloads(draw, model: str | None = "oracle", vocab: int | None = None,
         arrival += draw(st.sampled_from([0, 0, 1, 2, 5]))
         reuse = caps.reuse_ids and requests and draw(st.integers(0, 4)) == 0
         rid = draw(st.sampled_from([r.request_id for r in requests])) if reuse else f"r{i}"
-        params = narrow_params(draw(sampling_params(vocab)), caps)
-        request = RequestSpec(rid, draw(prompts(block_size, vocab)), params, arrival)
+        prompt = draw(prompts(block_size, vocab))
+        request = RequestSpec(rid, prompt, narrow_params(draw(sampling_params(vocab)), caps),
+                              arrival)
         if caps.supports("stop_token_ids") and draw(st.integers(0, 2)) == 0:
             request = _emitted_stop(draw, base, request, i, factory, reference)
         requests.append(request)

@@ -418,6 +418,9 @@ def test_generate_adds_nothing_unless_every_prompt_and_parameter_is_valid(async_
 
 
 if __name__ == "__main__":  # one scenario in this process: scenario, async, policy
+    # Ctrl-C as a terminal delivers it, even when this process was started with SIGINT ignored
+    # (a shell's background job): the scenarios are about Python's default handling
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     scenario, async_arg, policy_arg = sys.argv[1:]
     run_scenario = {"sigint": sigint_at_random_moments, "double": double_sigint,
                     "exit-busy": exit_while_device_works}[scenario]
