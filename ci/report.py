@@ -48,7 +48,7 @@ class CheckResult:
     replay: str | None = None
 
     def line(self) -> str:
-        what = self.detail if self.status == "pass" else f"caught by {self.detector}"
+        what = f"caught by {self.detector}" if self.status == "fail" else self.detail
         return f"  {self.status.upper():4}  {self.name:<15} {self.seconds:6.1f}s  {what}"
 
     def report_lines(self, limit: int) -> list[str]:

@@ -54,9 +54,9 @@ def failure(exc: BaseException, workload: Workload, path: Path,
             factory: EngineFactory = lockstep_engine) -> PropertyFailure:
     """Save ``workload`` (with the engine it ran on) at ``path``; the failure's message: kind,
     text, which run, replay."""
-    caps = factory.capabilities
-    workload = dataclasses.replace(workload, engine_under_test=caps.engine,
-                                   adapter_version=caps.adapter_version)
+    from .adapters import engine_name
+    workload = dataclasses.replace(workload, engine_under_test=engine_name(factory),
+                                   adapter_version=factory.capabilities.adapter_version)
     workload.save(path)
     message = "\n".join([str(exc), *getattr(exc, "__notes__", ())])
     if "replay:" not in message:

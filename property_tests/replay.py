@@ -13,7 +13,7 @@ from pathlib import Path
 
 from lockstep.engine import SamplingParams
 
-from .adapters import EngineSpecError, engine_modes, resolve_engine
+from .adapters import EngineSpecError, engine_modes, engine_name, resolve_engine
 from .capabilities import unsupported
 from .engine_under_test import ASYNC_MODES, SYNC, Mode, lockstep_engine
 from .properties import PropertyFailure, check_workload
@@ -91,7 +91,7 @@ def replay(path: str, device: str = "sim", policy: str | None = None,
           f"{len(workload.aborts)} aborts; on {caps.engine} (adapter {caps.adapter_version}): "
           f"sync vs {', '.join(m.name for m in modes) or 'nothing async'} and solo")
     if workload.adapter_version and workload.adapter_version != caps.adapter_version \
-            and workload.engine_under_test == caps.engine:
+            and workload.engine_under_test == engine_name(factory):
         print(f"  note: the file was written by adapter {workload.adapter_version}")
     try:
         report = check_workload(workload, modes=modes, replay_to=file, factory=factory,

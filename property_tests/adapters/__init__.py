@@ -49,6 +49,12 @@ def resolve_engine(name: str):
     return factory
 
 
+def engine_name(factory) -> str:
+    """What ``--engine`` takes for ``factory``: its shipped name, else ``module:factory``."""
+    path = f"{factory.__module__}:{factory.__qualname__}"
+    return next((name for name, target in ENGINES.items() if target == path), path)
+
+
 def engine_modes(factory, device: str) -> tuple["Mode", tuple["Mode", ...]]:
     """(the sync reference, the async modes) ``factory``'s engine runs on ``device`` ("cpu":
     the simulated device where the engine has one, else the CPU; "cuda"), as it declares;
