@@ -380,7 +380,9 @@ def run_fuzz(config: FuzzConfig, stream: TextIO = sys.stdout) -> int:
     tallies, tty = [_Tally() for _ in procs], stream.isatty()
     machine = "on" if importlib.util.find_spec(MACHINE_MODULE) else "absent"
     print(f"lockstep fuzz: {config.minutes:g} min, {config.workers} worker(s), db {config.db}, "
-          f"out {config.out}, profile {config.profile}, model {config.model}, stateful machine "
+          f"out {config.out}, profile {config.profile}, "
+          f"{'model ' + config.model if config.engine == 'lockstep' else 'engine ' + config.engine}"
+          f" on {config.device}, stateful machine "
           f"{machine}", file=stream, flush=True)
     for line in describe(factory, config.device):
         print(f"  {line}", file=stream, flush=True)
