@@ -93,6 +93,22 @@ def aborts() -> Workload:
                                     enumerate((0, 1, 2, 3, 6))))
 
 
+def client_orders() -> Workload:
+    """One step's calls in a client's order: abort a running request and add its id again (a
+    step in flight), add a request, abort it and add its id again while it still waits for a
+    seat, and an abort made before its request's add (which then runs in full)."""
+    return Workload(EngineSpec(block_size=4, max_num_seqs=2), (
+        RequestSpec("c0", _prompt(6, 101), P(temperature=0.0, max_tokens=12)),
+        RequestSpec("c1", _prompt(5, 103), P(temperature=1.0, seed=5, max_tokens=12)),
+        RequestSpec("w0", _prompt(4, 107), P(temperature=0.0, max_tokens=4), 1, 0),
+        RequestSpec("w0", _prompt(7, 109), P(temperature=1.0, seed=6, max_tokens=6,
+                                             frequency_penalty=1.0), 1, 2),
+        RequestSpec("c0", _prompt(9, 113), P(temperature=0.0, max_tokens=8,
+                                             repetition_penalty=0.7), 2, 1),
+        RequestSpec("e0", _prompt(3, 127), P(temperature=0.0, max_tokens=5), 3, 1),
+    ), (AbortSpec(1, "w0", 0, 1), AbortSpec(2, "c0", 0, 0), AbortSpec(3, "e0", 0, 0)))
+
+
 def forced_preemption() -> Workload:
     """Preemptions forced at five steps, some with a step in flight; chunked resumes."""
     return Workload(EngineSpec(block_size=4, max_num_batched_tokens=5), (
@@ -122,7 +138,8 @@ def edge_lengths() -> Workload:
 
 
 TARGETED = {f.__name__: f for f in (mixed_batch, tight_cache, stops_in_flight, reused_ids,
-                                    aborts, forced_preemption, slot_reuse, edge_lengths)}
+                                    aborts, client_orders, forced_preemption, slot_reuse,
+                                    edge_lengths)}
 
 
 def targeted_workloads(model: str | None = "oracle") -> dict[str, Workload]:

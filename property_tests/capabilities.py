@@ -147,6 +147,12 @@ def narrow_workload(workload: Workload, caps: Capabilities) -> Workload:
         seen[r.request_id] = seen.get(r.request_id, 0) + 1
         requests.append(dataclasses.replace(r, request_id=rid,
                                             params=narrow_params(r.params, caps)))
+    # an abort names (id, occurrence): a renamed occurrence is occurrence 0 of its new id
+    renamed = {key: (r.request_id, 0 if r.request_id != key[0] else key[1])
+               for key, r in zip(workload.keys(), requests)}
+    aborts = tuple(dataclasses.replace(a, request_id=renamed[key][0], occurrence=renamed[key][1])
+                   for a in workload.aborts
+                   if (key := (a.request_id, a.occurrence)) in renamed) if caps.abort else ()
     return dataclasses.replace(
-        workload, requests=tuple(requests), aborts=workload.aborts if caps.abort else (),
+        workload, requests=tuple(requests), aborts=aborts,
         preempt_steps=workload.preempt_steps if caps.force_preempt else ())

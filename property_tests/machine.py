@@ -1,13 +1,16 @@
 """The stateful machine: sync and async engines driven in lockstep by one sequence of rules.
 
-Rules add a request, abort a live or a just-finished id, reuse a finished id, step, force a
-preemption and drain; every rule is applied to every engine (the shape of hypothesis' own
-``test_database_agreement``). After each step the engines' invariants and output rules are
-checked; at teardown every request is compared with the sync engine's and with its solo run.
+Rules add a request, abort a live or a just-finished id, reuse an id whose request finished or
+was aborted, step, force a preemption and drain; every rule is applied to every engine (the shape
+of hypothesis' own ``test_database_agreement``). Between two steps, adds, aborts and re-adds come
+in any order, as a client makes them: "abort x, add x again" and "add x, abort x" inside one step,
+an add of an id whose previous request finished with a step in flight, an abort of a request whose
+step is in flight. A forced preemption ends a step's calls (the harness's action, not a client's).
+After each step the engines' invariants and output rules are checked; at teardown every request
+is compared with the sync engine's and with its solo run.
 
-The rules' history is also a :class:`Workload` (adds, then aborts, then preemptions within one
-step, which the rules' preconditions keep in that order), so a failure is saved as a replay file
-that ``lockstep replay`` re-runs exactly.
+The rules' history is also a :class:`Workload` (each call with its ``order`` within its step), so
+a failure is saved as a replay file that ``lockstep replay`` re-runs exactly.
 """
 from __future__ import annotations
 
@@ -20,9 +23,10 @@ from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, pr
 from .capabilities import Capabilities, narrow_params
 from .comparator import compare_runs
 from .differential import is_exact, run_solo
-from .driver import RequestResult, RunRecord, observe
+from .driver import RunRecord
 from .engine_under_test import SYNC, EngineFactory, Mode, lockstep_engine
 from .invariants import InvariantViolation, OutputRules
+from .live import LiveRequests, RequestResult
 from .properties import failure, replay_dir
 from .strategies import prompts, sampling_params
 from .workload import AbortSpec, EngineSpec, RequestSpec, Workload
@@ -45,7 +49,8 @@ class EngineMachine(RuleBasedStateMachine):
         self.requests: list[RequestSpec] = []
         self.aborts: list[AbortSpec] = []
         self.preempts: list[int] = []
-        self.phase = 0   # 0: adds allowed, 1: aborts, 2: preemption done in this step
+        self.calls = 0           # client calls made in this step: the next one's ``order``
+        self.preempted = False   # a forced preemption ended this step's calls
         self.spec = EngineSpec()
         self.failed = False
         engine = self.caps.engine
@@ -60,45 +65,47 @@ class EngineMachine(RuleBasedStateMachine):
         self.spec = EngineSpec(block_size=block_size, num_kv_blocks=need + extra_blocks,
                                max_num_batched_tokens=budget, max_num_seqs=max_num_seqs)
         self.engines = {m.name: self.factory(self.spec, m) for m in self.modes}
-        self.rules: dict[str, dict[str, tuple[tuple[str, int], OutputRules]]] = {
-            name: {} for name in self.engines}
+        self.live = {name: LiveRequests(name) for name in self.engines}
         self.results: dict[str, dict[tuple[str, int], RequestResult]] = {
             name: {} for name in self.engines}
-        self.finished_everywhere: set[str] = set()
+        self.free_everywhere: set[str] = set()   # ids no engine holds a live request for
         self._races = sync_guard.race_check()
         self._races.__enter__()
 
     # -- rules --------------------------------------------------------------------------------
 
-    @precondition(lambda self: self.phase == 0)
+    @precondition(lambda self: not self.preempted)
     @rule(data=st.data())
     def add(self, data) -> None:
         self._add(f"r{len(self.requests)}", data)
 
-    @precondition(lambda self: self.phase == 0 and self.finished_everywhere
+    @precondition(lambda self: not self.preempted and self.free_everywhere
                   and self.caps.reuse_ids)
     @rule(data=st.data())
     def reuse_id(self, data) -> None:
-        self._add(data.draw(st.sampled_from(sorted(self.finished_everywhere))), data)
+        """A new request under an id whose request finished or was aborted (maybe in this
+        very step, with a step in flight)."""
+        self._add(data.draw(st.sampled_from(sorted(self.free_everywhere))), data)
 
-    @precondition(lambda self: self.phase <= 1 and self.requests and self.caps.abort)
+    @precondition(lambda self: not self.preempted and self.requests and self.caps.abort)
     @rule(data=st.data())
     def abort(self, data) -> None:
         rid = data.draw(st.sampled_from(sorted({r.request_id for r in self.requests})))
         occurrence = sum(r.request_id == rid for r in self.requests) - 1
-        self.aborts.append(AbortSpec(self.step_count, rid, occurrence))
+        self.aborts.append(AbortSpec(self.step_count, rid, occurrence, self._next_order()))
         for name, engine in self.engines.items():
-            if rid in self.rules[name]:
-                engine.abort(rid)
-        self.phase = 1
+            live = self.live[name]
+            if live.key(rid) == (rid, occurrence) and engine.abort(rid):
+                live.aborted(rid)
+        self._update_free()
 
-    @precondition(lambda self: self.phase <= 1 and self.caps.force_preempt)
+    @precondition(lambda self: not self.preempted and self.caps.force_preempt)
     @rule()
     def force_preemption(self) -> None:
         self.preempts.append(self.step_count)
         for engine in self.engines.values():
             engine.preempt_newest()
-        self.phase = 2
+        self.preempted = True
 
     @rule()
     def step(self) -> None:
@@ -107,7 +114,7 @@ class EngineMachine(RuleBasedStateMachine):
                 with sync_guard.disallow():
                     outputs = engine.step()
                 for out in outputs:
-                    observe(self.results[name], self.rules[name], out, name)
+                    self.live[name].observe(self.results[name], out)
                 engine.check_invariants()
             except HypothesisException:
                 raise
@@ -115,8 +122,8 @@ class EngineMachine(RuleBasedStateMachine):
                 exc.__notes__ = [*getattr(exc, "__notes__", ()), f"  run: {name}"]
                 self._fail(exc)
         self.step_count += 1
-        self.phase = 0
-        self._update_finished()
+        self.calls, self.preempted = 0, False
+        self._update_free()
 
     @rule()
     def drain(self) -> None:
@@ -125,7 +132,7 @@ class EngineMachine(RuleBasedStateMachine):
                 return
             self.step()
         raise InvariantViolation(f"not idle after {DRAIN_BOUND} steps: "
-                                 f"{ {n: sorted(r) for n, r in self.rules.items()} }")
+                                 f"{ {n: live.unfinished() for n, live in self.live.items()} }")
 
     @invariant()
     def idle_engines_hold_no_blocks(self) -> None:
@@ -162,7 +169,9 @@ class EngineMachine(RuleBasedStateMachine):
         for state, reached in (("machine: preempted", self.preempts or any(
                 e.stats().get("num_preemptions") for e in self.engines.values())),
                 ("machine: reused an id", len({r.request_id for r in self.requests})
-                 < len(self.requests)), ("machine: aborted", bool(self.aborts))):
+                 < len(self.requests)), ("machine: aborted", bool(self.aborts)),
+                ("machine: re-added an id in the step that aborted it",
+                 workload.readds_in_abort_step() > 0)):
             if reached:
                 event(state)
 
@@ -180,23 +189,27 @@ class EngineMachine(RuleBasedStateMachine):
     def workload(self) -> Workload:
         return Workload(self.spec, tuple(self.requests), tuple(self.aborts), tuple(self.preempts))
 
+    def _next_order(self) -> int:
+        self.calls += 1
+        return self.calls - 1
+
     def _add(self, rid: str, data) -> None:
         request = RequestSpec(rid, data.draw(prompts(self.spec.block_size)),
                               narrow_params(data.draw(sampling_params()), self.caps),
-                              self.step_count)
+                              self.step_count, self._next_order())
         index = len(self.requests)
         occurrence = sum(r.request_id == rid for r in self.requests)
         self.requests.append(request)
-        self.finished_everywhere.discard(rid)
+        self.free_everywhere.discard(rid)
         for name, engine in self.engines.items():
             engine.add(rid, list(request.prompt), request.params, index)
-            self.rules[name][rid] = ((rid, occurrence), OutputRules(
+            self.live[name].add(rid, (rid, occurrence), OutputRules(
                 request.params, engine.eos_token_ids, f"{name}: request {rid!r}#{occurrence}"))
 
-    def _update_finished(self) -> None:
+    def _update_free(self) -> None:
         ids = {r.request_id for r in self.requests}
-        self.finished_everywhere = {rid for rid in ids
-                                    if not any(rid in live for live in self.rules.values())}
+        self.free_everywhere = {rid for rid in ids
+                                if not any(live.busy(rid) for live in self.live.values())}
 
 
 TestEngineMachine = EngineMachine.TestCase

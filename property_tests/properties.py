@@ -76,6 +76,8 @@ def record_states(workload: Workload, report: DifferentialReport) -> None:
                                for r in workload.requests),
         "aborted a live request": any(r.aborted for r in report.runs.values()),
         "reused an id": len(set(ids)) < len(ids),
+        "re-added an id in the step that aborted it": any(
+            workload.readds_in_abort_step(r.aborted) for r in report.runs.values()),
         "max_tokens 1": any(p.max_tokens == 1 for p in params),
         "min_tokens == max_tokens": any(p.min_tokens == p.max_tokens > 0 for p in params),
         "finished on a stop id": any(res.finish_reason == "stop" for run in report.runs.values()

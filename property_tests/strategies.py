@@ -7,7 +7,9 @@
 * KV caches barely larger than the largest request (preemption with a step in flight), token
   budgets small enough to chunk prefills, forced preemptions;
 * arrivals and aborts in mid-run, an abort right after the add, and the reuse of an id whose
-  previous request just finished or was aborted.
+  previous request just finished or was aborted;
+* a client's calls in any order within one step (each add and abort has an ``order``), including
+  "abort x, then add x again" inside one step.
 
 For an engine other than Lockstep's, only what its adapter declares
 (:class:`~lockstep.property_tests.capabilities.Capabilities`) is generated; the rest is narrowed
@@ -92,18 +94,24 @@ def workloads(draw, model: str | None = "oracle", vocab: int | None = None,
     arrival = 0
     for i in range(n):
         arrival += draw(st.sampled_from([0, 0, 1, 2, 5]))
+        order = draw(st.integers(0, 3))
         reuse = caps.reuse_ids and requests and draw(st.integers(0, 4)) == 0
         rid = draw(st.sampled_from([r.request_id for r in requests])) if reuse else f"r{i}"
+        if reuse and caps.abort and draw(st.booleans()):
+            # abort the id's previous request and add the new one right after, in one step
+            previous = sum(r.request_id == rid for r in requests) - 1
+            aborts.append(AbortSpec(arrival, rid, previous, order))
+            order += 1
         prompt = draw(prompts(block_size, vocab))
         request = RequestSpec(rid, prompt, narrow_params(draw(sampling_params(vocab)), caps),
-                              arrival)
+                              arrival, order)
         if caps.supports("stop_token_ids") and draw(st.integers(0, 2)) == 0:
             request = _emitted_stop(draw, base, request, i, factory, reference)
         requests.append(request)
         if caps.abort and draw(st.integers(0, 4)) == 0:
             occurrence = sum(r.request_id == rid for r in requests) - 1
             aborts.append(AbortSpec(arrival + draw(st.sampled_from([0, 0, 1, 3])), rid,
-                                    occurrence))
+                                    occurrence, draw(st.integers(0, 4))))
     need = max(-(-(len(r.prompt) + r.params.max_tokens) // block_size) for r in requests)
     engine = dataclasses.replace(
         base,

@@ -178,6 +178,40 @@ def test_an_abort_after_a_soft_reset_leaves_the_reset_request_to_finish():
     assert record.results[("r0", 0)].finish_reason == "length"
 
 
+@pytest.mark.xfail(strict=True, raises=TransformersCrash,
+                   reason="transformers bug: queued additions are applied before queued "
+                          "cancellations, by id, so a cancel also hits the re-added request "
+                          "(KeyError in the scheduler for a waiting one)")
+def test_an_id_aborted_while_waiting_and_added_again_in_the_same_step_runs_alone():
+    # one step's calls: add x, abort x, add x again, add y (the client's order)
+    again = RequestSpec("x", prompt(4, 6), greedy(5), order=2)
+    requests = (RequestSpec("x", prompt(3, 5), greedy(4)), again,
+                RequestSpec("y", prompt(5, 4), greedy(3), order=3))
+    record = run(Workload(SPEC, requests, aborts=(AbortSpec(0, "x", 0, order=1),)))
+    assert record.results[("x", 0)].finish_reason == "abort"
+    assert record.results[("x", 1)].token_ids == alone(again).token_ids
+
+
+@pytest.mark.xfail(strict=True, raises=InvariantViolation,
+                   reason="transformers bug: the cancel of the running x also removes the new x "
+                          "added after it, which then never gets a result")
+def test_an_id_aborted_while_running_and_added_again_in_the_same_step_runs_alone():
+    again = RequestSpec("x", prompt(4, 6), greedy(5), arrival=2, order=1)
+    requests = (RequestSpec("x", prompt(3, 5), greedy(12)), again)
+    record = run(Workload(SPEC, requests, aborts=(AbortSpec(2, "x", 0, order=0),)))
+    assert ("x", 0) in record.aborted
+    assert record.results[("x", 1)].token_ids == alone(again).token_ids
+
+
+def test_an_id_aborted_and_added_again_a_step_later_runs_alone():
+    # the control for the two above: with a step between the abort and the re-add, it works
+    again = RequestSpec("x", prompt(4, 6), greedy(5), arrival=3)
+    requests = (RequestSpec("x", prompt(3, 5), greedy(12)), again)
+    record = run(Workload(SPEC, requests, aborts=(AbortSpec(2, "x", 0),)))
+    assert record.results[("x", 0)].finish_reason == "abort"
+    assert record.results[("x", 1)].token_ids == alone(again).token_ids
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("mode", [Mode(False, "cuda"), Mode(True, "cuda")],
                          ids=lambda m: m.name)

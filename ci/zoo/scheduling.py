@@ -291,3 +291,53 @@ def finish_on_length_keeps_slot(patch) -> None:
     fails. Both modes.
     """
     patch.setattr(Scheduler, "finish", _finish_keeping_slot)
+
+
+_real_add_checked = EngineCore.add_checked_request
+_real_abort = EngineCore.abort_request
+_real_step = EngineCore.step
+_real_has_unfinished = EngineCore.has_unfinished_requests
+
+
+def _inbox(core: EngineCore) -> list:
+    return core.__dict__.setdefault("_zoo_inbox", [])
+
+
+def _add_at_next_step(self, request_id, prompt, params):
+    _inbox(self).append(("add", request_id, prompt, params, self._num_added))
+
+
+def _abort_at_next_step(self, request_id):
+    queued = any(c[0] == "add" and c[1] == request_id for c in _inbox(self))
+    if request_id not in self.scheduler.requests and not queued:
+        return False
+    _inbox(self).append(("abort", request_id))
+    return True
+
+
+def _step_applying_adds_then_aborts(self):
+    inbox, self.__dict__["_zoo_inbox"] = _inbox(self), []
+    for _, request_id, prompt, params, num_added in (c for c in inbox if c[0] == "add"):
+        self._num_added = num_added
+        _real_add_checked(self, request_id, prompt, params)
+    for _, request_id in (c for c in inbox if c[0] == "abort"):  # BUG: after every add, by id
+        _real_abort(self, request_id)
+    return _real_step(self)
+
+
+@injection("lifecycle", ("huggingface/transformers#48918 (request ids as keys of continuous "
+                         "batching state); the cancel-then-re-add finding in docs/engines.md",),
+           Witness("client_orders", SYNC, ("crash",)))
+def aborts_applied_after_the_steps_adds(patch) -> None:
+    """EngineCore queues adds and aborts and applies them at the next step: every add first,
+    then every abort, by id.
+
+    A client that aborts a request and adds its id again before the next step gets the new
+    request refused (its id is still held) or aborted in place of the old one. Both modes;
+    only a client order "abort x, add x" inside one step shows it.
+    """
+    patch.setattr(EngineCore, "add_checked_request", _add_at_next_step)
+    patch.setattr(EngineCore, "abort_request", _abort_at_next_step)
+    patch.setattr(EngineCore, "step", _step_applying_adds_then_aborts)
+    patch.setattr(EngineCore, "has_unfinished_requests",
+                  lambda self: bool(_inbox(self)) or _real_has_unfinished(self))

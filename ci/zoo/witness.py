@@ -13,7 +13,7 @@ the same outputs. The zoo keeps no injection whose demonstration shows nothing.
 from __future__ import annotations
 
 import dataclasses
-from collections import defaultdict
+from collections import defaultdict, deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -22,7 +22,7 @@ from lockstep.engine.config import EngineConfig
 from lockstep.engine.core import EngineCore
 from lockstep.property_tests.driver import step_bound
 from lockstep.property_tests.engine_under_test import Mode, heartbeat
-from lockstep.property_tests.workload import Workload
+from lockstep.property_tests.workload import ClientCalls, Workload
 
 from ..targeted import TARGETED
 from ..watchdog import CheckHang
@@ -90,35 +90,36 @@ def run_bare(workload: Workload, mode: Mode) -> Outcome:
 
 
 def _drive(core: EngineCore, workload: Workload, outcome: Outcome) -> None:
-    keys, order = workload.keys(), list(range(len(workload.requests)))
+    """The harness driver's calls (:class:`ClientCalls`), with no rules: only what comes out."""
+    client = ClientCalls(workload)
     live: dict[str, tuple[str, int]] = {}
-    aborts = defaultdict(list)
-    for a in workload.aborts:
-        aborts[a.step].append((a.request_id, a.occurrence))
+    abort_due: dict[str, deque] = defaultdict(deque)   # aborted keys whose final output is due
     preempt = set(workload.preempt_steps)
     step, limit = 0, step_bound(workload)
-    while order or core.has_unfinished_requests():
-        while order and workload.requests[order[0]].arrival <= step \
-                and workload.requests[order[0]].request_id not in live:
-            i = order.pop(0)
-            spec = workload.requests[i]
-            core._num_added = i
-            core.add_request(spec.request_id, list(spec.prompt), spec.params)
-            live[spec.request_id] = keys[i]
-        for rid, occurrence in aborts.pop(step, ()):
-            if live.get(rid) == (rid, occurrence):
-                core.abort_request(rid)
+    while client.pending or core.has_unfinished_requests():
+        for call in client.calls(step, live.__contains__):
+            if call[0] == "add":
+                spec = workload.requests[call[1]]
+                core._num_added = call[1]
+                core.add_request(spec.request_id, list(spec.prompt), spec.params)
+                live[spec.request_id] = client.keys[call[1]]
+            elif live.get(call[1]) == (call[1], call[2]) and core.abort_request(call[1]):
+                abort_due[call[1]].append(live.pop(call[1]))
         if step in preempt and core.scheduler.running:
             core.scheduler._preempt(core.scheduler.running[-1])
         heartbeat.beat(f"demonstration {mode_name(core)}", step, True)
         outputs = core.step()
         heartbeat.beat(f"demonstration {mode_name(core)}", step, False)
         for out in outputs:
-            key = live.get(out.request_id, (out.request_id, -1))
+            rid = out.request_id
+            if abort_due[rid] and out.finish_reason == "abort":
+                key = abort_due[rid].popleft()
+            else:
+                key = live.get(rid, (rid, -1))
+                if out.finished:
+                    live.pop(rid, None)
             outcome.outputs[key] = (tuple(out.token_ids), out.finish_reason, out.logprobs,
                                     out.error is not None)
-            if out.finished:
-                live.pop(out.request_id, None)
         step += 1
         if step > limit:
             outcome.hung = True

@@ -1,9 +1,10 @@
 """The bookkeeping every adapter needs, so an adapter maps only its engine's calls.
 
 :class:`AdapterBase` keeps the ids an engine holds, refuses to add an id that is still live (the
-protocol's contract, whatever the engine does with duplicates), counts steps, beats the watchdog's
-heartbeat around each step, and checks the outputs' shape: an output for an id that is not live,
-or one after its request's final output, is an :class:`InvariantViolation` raised at once.
+protocol's contract, whatever the engine does with duplicates) while letting an id whose abort was
+accepted be added again at once, counts steps, beats the watchdog's heartbeat around each step,
+and checks the outputs' shape: an output for an id that is not live, or one after its request's
+final output, is an :class:`InvariantViolation` raised at once.
 """
 from __future__ import annotations
 
@@ -24,7 +25,8 @@ class AdapterBase:
     def __init__(self, spec: EngineSpec, mode: Mode) -> None:
         self.spec = spec
         self.mode = mode
-        self.live: set[str] = set()
+        self.live: set[str] = set()            # ids of requests neither finished nor aborted
+        self.abort_due: dict[str, int] = {}     # id -> accepted aborts whose output is due
         self.steps = 0
         self.finished_outputs = 0
 
@@ -38,9 +40,11 @@ class AdapterBase:
         self.live.add(request_id)
 
     def abort(self, request_id: str) -> bool:
-        if request_id not in self.live:
+        if request_id not in self.live or not self._abort(request_id):
             return False
-        return self._abort(request_id)
+        self.live.discard(request_id)
+        self.abort_due[request_id] = self.abort_due.get(request_id, 0) + 1
+        return True
 
     def step(self) -> Sequence[Output]:
         self.steps += 1
@@ -48,16 +52,25 @@ class AdapterBase:
         outputs = list(self._step())
         heartbeat.beat(self.mode.name, self.steps, False)
         for out in outputs:
-            if out.request_id not in self.live:
-                raise InvariantViolation(f"{self.mode.name}: output for {out.request_id!r}, "
-                                         f"which is not live (finished, aborted or never added)")
+            rid = out.request_id
+            if self.abort_due.get(rid) and out.finish_reason == "abort":
+                self.abort_due[rid] -= 1   # the final output of an accepted abort
+                if not self.abort_due[rid]:
+                    del self.abort_due[rid]
+            elif rid in self.live and not self.abort_due.get(rid):
+                if out.finish_reason is not None:
+                    self.live.discard(rid)
+            else:
+                raise InvariantViolation(f"{self.mode.name}: output {list(out.token_ids)} "
+                                         f"{out.finish_reason} for {rid!r}, which is not live "
+                                         f"(finished, aborted or never added) or whose abort "
+                                         f"output is still due")
             if out.finish_reason is not None:
-                self.live.discard(out.request_id)
                 self.finished_outputs += 1
         return outputs
 
     def has_unfinished(self) -> bool:
-        return bool(self.live)
+        return bool(self.live or self.abort_due)
 
     def stats(self) -> dict:
         return {"num_steps": self.steps, "finished_outputs": self.finished_outputs}
