@@ -16,6 +16,7 @@ a bad option.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import importlib
 import importlib.util
 import math
@@ -271,6 +272,23 @@ class _Worker:
             "example": self.failed_at and self.failed_at - first,
             "examples": self.examples[target] - first, "log": str(self.out / "log.txt"),
             "replay": str(replays[0]) if replays else None}))
+        if self.config.device == "cuda" and _cuda_context_lost():
+            raise _DeviceLost(message.splitlines()[0])
+
+
+class _DeviceLost(Exception):
+    """A CUDA error is sticky (a device-side assert, an illegal address): every later CUDA call
+    in this process fails, so the worker must go on in a fresh process."""
+
+
+def _cuda_context_lost() -> bool:
+    import torch
+    try:
+        torch.cuda.synchronize()
+        torch.ones(1, device="cuda").add_(1).cpu()
+        return False
+    except Exception:
+        return True
 
 
 def _worker_main(index: int, config: FuzzConfig, seed: str, queue: Any) -> None:
@@ -288,6 +306,10 @@ def _worker_main(index: int, config: FuzzConfig, seed: str, queue: Any) -> None:
             worker.run()
         except KeyboardInterrupt:
             pass
+        except _DeviceLost as exc:
+            print(f"the CUDA context is lost after: {exc}")
+            queue.put(("restart", index, worker.counts()))
+            return
         except BaseException:
             print(traceback.format_exc())
             last = traceback.format_exc().strip().splitlines()[-1]
@@ -304,12 +326,19 @@ class _Tally:
     failures: list[dict[str, Any]] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)
     done: bool = False
+    restart: bool = False   # its process lost its CUDA context: start a fresh one
+    earlier: tuple = ({}, {}, {})   # the counts of this worker's earlier processes
 
     def take(self, message: tuple, stream: TextIO, tty: bool) -> None:
         """Apply one message of this worker's; print failures and notes as they come."""
         kind, index, body = message
-        if kind in ("progress", "done") and body is not None:
-            self.examples, self.seconds, self.states = body
+        if kind in ("progress", "done", "restart") and body is not None:
+            self.examples, self.seconds, self.states = (
+                dict(Counter(old) + Counter(new)) for old, new in zip(self.earlier, body))
+        if kind == "restart":
+            self.earlier, self.restart = (self.examples, self.seconds, self.states), True
+            print(f"{CLEAR if tty else ''}worker {index}: its CUDA context is lost (a sticky "
+                  f"device error); it goes on in a fresh process", file=stream, flush=True)
         self.done = self.done or kind == "done"
         self.errors += [body] if kind == "error" else []
         if kind == "failure":
@@ -375,8 +404,12 @@ def run_fuzz(config: FuzzConfig, stream: TextIO = sys.stdout) -> int:
     start, session = time.time(), f"{random.SystemRandom().getrandbits(64):x}"
     ctx = multiprocessing.get_context("spawn")
     queue = ctx.Queue()
-    procs = [ctx.Process(target=_worker_main, args=(i, config, f"{session}:{i}", queue),
-                         daemon=True, name=f"lockstep-fuzz-{i}") for i in range(config.workers)]
+    def spawn(i: int, cfg: FuzzConfig, incarnation: int = 0):
+        return ctx.Process(target=_worker_main, args=(i, cfg, f"{session}:{i}:{incarnation}",
+                                                      queue), daemon=True,
+                           name=f"lockstep-fuzz-{i}")
+    procs = [spawn(i, config) for i in range(config.workers)]
+    restarts = [0] * config.workers
     tallies, tty = [_Tally() for _ in procs], stream.isatty()
     machine = "on" if importlib.util.find_spec(MACHINE_MODULE) else "absent"
     print(f"lockstep fuzz: {config.minutes:g} min, {config.workers} worker(s), db {config.db}, "
@@ -399,12 +432,24 @@ def run_fuzz(config: FuzzConfig, stream: TextIO = sys.stdout) -> int:
             with contextlib.suppress(Empty):
                 take(0.25)
             now = time.time()
+            for i, tally in enumerate(tallies):
+                if tally.restart:
+                    tally.restart = False
+                    procs[i].join(timeout=5)
+                    left = start + config.minutes * 60 - now
+                    if left < 10:
+                        tally.done = True
+                        continue
+                    restarts[i] += 1
+                    procs[i] = spawn(i, dataclasses.replace(config, minutes=left / 60),
+                                     restarts[i])
+                    procs[i].start()
             for tally, proc in zip(tallies, procs):
                 if not tally.done and not proc.is_alive():
                     with contextlib.suppress(Empty):  # its last messages may still be in the pipe
-                        while not tally.done:
+                        while not tally.done and not tally.restart:
                             take(1.0)
-                    if not tally.done:
+                    if not tally.done and not tally.restart:
                         tally.errors.append(f"exited with status {proc.exitcode}")
                         tally.done = True
                 elif not tally.done and now > end:

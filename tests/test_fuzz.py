@@ -168,3 +168,58 @@ def test_a_failure_found_by_one_process_is_replayed_at_once_by_another_through_r
     replay = python([script, url, url + "/1"], tmp_path, env)
     assert f"{url} replayed: Divergence" in replay.stdout, replay.stdout + replay.stderr
     assert f"{url}/1 nothing to replay" in replay.stdout, replay.stdout + replay.stderr
+
+
+# An engine whose 12th step in a process ends in a device-side assert: the CUDA context of that
+# process is lost for good (every later CUDA call fails), as after a real out-of-bounds index.
+STICKY = """
+import torch
+from lockstep.property_tests.engine_under_test import LockstepEngine, lockstep_engine
+
+class Asserting(LockstepEngine):
+    steps_in_process = 0
+
+    def step(self):
+        Asserting.steps_in_process += 1
+        if Asserting.steps_in_process == 12:
+            torch.zeros(4, device="cuda")[torch.tensor([9], device="cuda")].cpu()
+        return super().step()
+
+def factory(spec, mode):
+    return Asserting(spec, mode)
+
+factory.capabilities = lockstep_engine.capabilities
+"""
+
+
+@pytest.mark.gpu
+def test_a_worker_that_loses_its_cuda_context_goes_on_in_a_fresh_process(tmp_path):
+    (tmp_path / "sticky_adapter.py").write_text(STICKY)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(
+        [str(tmp_path), os.environ.get("PYTHONPATH", "")])}
+    session = fuzz("--minutes", "0.6", "--workers", "1", "--db", tmp_path / "db", "--out",
+                   tmp_path / "out", "--engine", "sticky_adapter:factory", "--device", "cuda",
+                   cwd=tmp_path, env=env)
+    out = session.stdout
+    restarts = out.count("goes on in a fresh process")
+    failures = workers(out)[0][2]
+    assert session.returncode == 1 and restarts >= 1, out + session.stderr
+    # one failure per lost context, not one per run for the rest of the session
+    assert restarts <= failures <= restarts + 1, out
+    assert "device-side assert" in out, out
+
+
+def test_a_restarted_workers_counts_add_to_those_of_its_lost_process():
+    import io
+    from lockstep.property_tests.fuzz import _Tally
+    tally, stream = _Tally(), io.StringIO()
+    tally.take(("progress", 0, ({"differential": 5}, {"differential": 2.0}, {"a": 1})), stream,
+               False)
+    tally.take(("restart", 0, ({"differential": 7}, {"differential": 3.0}, {"a": 2})), stream,
+               False)
+    assert tally.restart and not tally.done
+    tally.take(("progress", 0, ({"differential": 4}, {"differential": 1.0}, {"b": 1})), stream,
+               False)
+    assert (tally.examples, tally.seconds, tally.states) == (
+        {"differential": 11}, {"differential": 4.0}, {"a": 2, "b": 1})
+    assert "goes on in a fresh process" in stream.getvalue()
