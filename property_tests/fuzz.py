@@ -135,6 +135,7 @@ class _Worker:
     """One worker process: turns of hypothesis runs, reported through ``queue``."""
 
     def __init__(self, index: int, config: FuzzConfig, seed: str, queue: Any, out: Path) -> None:
+        self.run_prefix = ""   # "<incarnation>." in a worker restarted after a lost context
         from . import properties
         self.index, self.config, self.seed, self.queue, self.out = index, config, seed, queue, out
         self.props = properties
@@ -228,7 +229,7 @@ class _Worker:
             self.current, run = ("", 0.0), run + 1
 
     def _run(self, target: str, run: int) -> None:
-        run_dir = self.out / f"run-{run}"   # replay files are written only on failure
+        run_dir = self.out / f"run-{self.run_prefix}{run}"   # written only on a failure
         os.environ[self.props.REPLAY_DIR_ENV] = str(run_dir)
         skip = Phase.reuse if target in self.failed else None
         phases = [p for p in self.profile.phases if p is not skip]
@@ -273,6 +274,8 @@ class _Worker:
             "examples": self.examples[target] - first, "log": str(self.out / "log.txt"),
             "replay": str(replays[0]) if replays else None}))
         if self.config.device == "cuda" and _cuda_context_lost():
+            if error is not None:   # the sticky error itself, for the log (hypothesis' replay of
+                print("".join(traceback.format_exception(error)))   # it fails differently)
             raise _DeviceLost(message.splitlines()[0])
 
 
@@ -291,31 +294,34 @@ def _cuda_context_lost() -> bool:
         return True
 
 
-def _worker_main(index: int, config: FuzzConfig, seed: str, queue: Any) -> None:
-    """The body of a worker process (spawned); its output goes to ``OUT/worker-i/log.txt``."""
+def _worker_main(index: int, config: FuzzConfig, seed: str, queue: Any,
+                 incarnation: int = 0) -> None:
+    """The body of a worker process (spawned); its output goes to ``OUT/worker-i/log.txt``.
+    A worker restarted after a lost CUDA context is a new ``incarnation``: its runs' folders are
+    ``run-<incarnation>.<run>``."""
     import torch
     torch.set_num_threads(1)
     profiles.load(config.profile)
     out = Path(config.out) / f"worker-{index}"
     out.mkdir(parents=True, exist_ok=True)
-    worker = None
+    worker, ending = None, "done"
     with open(out / "log.txt", "a", buffering=1) as log, \
             contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
         try:
             worker = _Worker(index, config, seed, queue, out)
+            worker.run_prefix = f"{incarnation}." if incarnation else ""
             worker.run()
         except KeyboardInterrupt:
             pass
         except _DeviceLost as exc:
             print(f"the CUDA context is lost after: {exc}")
-            queue.put(("restart", index, worker.counts()))
-            return
+            ending = "restart"
         except BaseException:
             print(traceback.format_exc())
             last = traceback.format_exc().strip().splitlines()[-1]
             queue.put(("error", index, f"{last} (see {out / 'log.txt'})"))
         finally:
-            queue.put(("done", index, worker and worker.counts()))
+            queue.put((ending, index, worker and worker.counts()))
 
 
 @dataclass
@@ -406,7 +412,7 @@ def run_fuzz(config: FuzzConfig, stream: TextIO = sys.stdout) -> int:
     queue = ctx.Queue()
     def spawn(i: int, cfg: FuzzConfig, incarnation: int = 0):
         return ctx.Process(target=_worker_main, args=(i, cfg, f"{session}:{i}:{incarnation}",
-                                                      queue), daemon=True,
+                                                      queue, incarnation), daemon=True,
                            name=f"lockstep-fuzz-{i}")
     procs = [spawn(i, config) for i in range(config.workers)]
     restarts = [0] * config.workers

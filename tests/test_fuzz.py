@@ -173,6 +173,7 @@ def test_a_failure_found_by_one_process_is_replayed_at_once_by_another_through_r
 # An engine whose 12th step in a process ends in a device-side assert: the CUDA context of that
 # process is lost for good (every later CUDA call fails), as after a real out-of-bounds index.
 STICKY = """
+import sync_guard
 import torch
 from lockstep.property_tests.engine_under_test import LockstepEngine, lockstep_engine
 
@@ -182,7 +183,9 @@ class Asserting(LockstepEngine):
     def step(self):
         Asserting.steps_in_process += 1
         if Asserting.steps_in_process == 12:
-            torch.zeros(4, device="cuda")[torch.tensor([9], device="cuda")].cpu()
+            with sync_guard.allow("the planted device-side assert surfaces here"):
+                torch.zeros(4, device="cuda")[torch.tensor([9], device="cuda")]
+                torch.cuda.synchronize()
         return super().step()
 
 def factory(spec, mode):
@@ -206,7 +209,11 @@ def test_a_worker_that_loses_its_cuda_context_goes_on_in_a_fresh_process(tmp_pat
     assert session.returncode == 1 and restarts >= 1, out + session.stderr
     # one failure per lost context, not one per run for the rest of the session
     assert restarts <= failures <= restarts + 1, out
-    assert "device-side assert" in out, out
+    log = (tmp_path / "out" / "worker-0" / "log.txt").read_text()
+    assert "the CUDA context is lost after" in log and "device-side assert" in log, log[-3000:]
+    # the fresh process went on: examples ran after the restart, in run folders of their own
+    assert any(p.name.startswith("run-1.") for p in (tmp_path / "out" / "worker-0").iterdir()) \
+        or workers(out)[0][0] > 8, out
 
 
 def test_a_restarted_workers_counts_add_to_those_of_its_lost_process():

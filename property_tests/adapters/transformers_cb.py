@@ -25,6 +25,7 @@ id is one of the request's stops (its eos ids), "length" otherwise, "error" when
 from __future__ import annotations
 
 import dataclasses
+import gc
 import logging
 import time
 from dataclasses import dataclass
@@ -116,6 +117,9 @@ class TransformersEngine(AdapterBase):
             self.num_pages = -(-spec.num_kv_blocks * spec.block_size // self.page_size)
         model = tiny.tiny_llama(spec.seed, mode.device)
         with sync_guard.allow("transformers CB: building the manager (seeding, cache sizing)"):
+            # an earlier engine's ContinuousBatchProcessor empties the CUDA cache in __del__:
+            # collect it here, not at a random allocation inside a later engine's guarded step
+            gc.collect()
             self._loop = _Loop(model, mode.async_scheduling, self.page_size, self.num_pages,
                                spec.max_num_batched_tokens, spec.max_num_seqs, spec.seed)
         self._holders: dict[str, _Holder] = {}
