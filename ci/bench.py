@@ -33,6 +33,7 @@ import torch
 
 from lockstep.engine import LLM, SamplingParams
 from lockstep.engine.models.default import random_llama_weights, write_checkpoint
+from .host import describe, host_info
 
 LLAMA_3_2_1B = {
     "model_type": "llama", "architectures": ["LlamaForCausalLM"], "vocab_size": 128256,
@@ -252,7 +253,7 @@ def run_bench(opts: BenchOptions) -> dict:
     results = {"device": torch.cuda.get_device_name() if opts.device == "cuda" else "cpu",
                "date": time.strftime("%Y-%m-%d"), "shape": opts.shape, "dtype": str(dtype)[6:],
                "repeats": opts.repeats, "short": opts.short, "long": opts.long, **versions(),
-               "rows": []}
+               "host": host_info(), "rows": []}
     progress(f"writing a random {opts.shape} checkpoint")
     with random_checkpoint(SHAPES[opts.shape], opts.device, dtype) as workdir:
         results["weight_bytes"] = (workdir / "model.safetensors").stat().st_size
@@ -313,6 +314,8 @@ def _print_table(r: dict) -> None:
     floor = f"; HBM floor {r['hbm_floor_ms']:.3f} ms" if cuda else ""
     print(f"\n{r['date']} {r['device']} ({r['shape']}, {r['dtype']} random weights, commit "
           f"{r['commit']}, median of {r['repeats']} alternated repetitions ± spread){floor}")
+    if "host" in r:
+        print(describe(r["host"]))
     peers = [p for p in PEERS if f"{p}_tpot_ms" in (r["rows"][0] if r["rows"] else {})]
     head = ["batch", "sync TPOT ms", "async TPOT ms", "async speed-up"]
     head += ["async / floor", "GPU busy sync", "GPU busy async"] if cuda else []

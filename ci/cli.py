@@ -60,6 +60,8 @@ def main(argv: list[str] | None = None) -> int:
     guard.add_argument("--device", default="cuda", choices=["cpu", "cuda"])
     guard.add_argument("--batch-sizes", default="1,8")
     guard.add_argument("--shape", default="llama-3.2-1b", choices=["llama-3.2-1b", "tiny"])
+    guard.add_argument("--repeats", type=int, default=5,
+                       help="alternated repetitions per mode (median and spread)")
     guard.add_argument("--out", default=None, help="write the results as JSON here")
     soak = sub.add_parser("soak", help="churn many requests with aborts and injected faults; "
                           "print RSS at 1k and at the end (exit 1 if anything leaked)")
@@ -131,8 +133,10 @@ def main(argv: list[str] | None = None) -> int:
         batch_sizes = parse_batch_sizes(args.batch_sizes)
         if args.command == "guard-bench":
             from .guard_bench import run_guard_bench
+            if args.repeats < 1:
+                raise BenchUsageError(f"--repeats={args.repeats}: at least 1")
             run_guard_bench(device=args.device, shape=args.shape, out=args.out,
-                            batch_sizes=batch_sizes)
+                            batch_sizes=batch_sizes, repeats=args.repeats)
             return 0
         from .bench import run_bench
         run_bench(BenchOptions(args.device, batch_sizes, args.shape, args.short, args.long,

@@ -9,13 +9,14 @@ The same engine and workload run with ``EngineCore.step`` plain and under each m
   (``sync_guard.sampled``).
 
 Per engine mode and batch size: decode TPOT (from the difference of two generation lengths),
-the median of ``repeats`` alternating runs, and the overhead over plain measured in the same
-phase.
+the median of ``repeats`` runs alternating the modes within one process, its spread (max - min
+over the median), and the overhead over plain measured in the same phase. The JSON and the
+report record the host (:mod:`lockstep.ci.host`: CPU model, cores, a calibration figure) and the
+versions, since a guard's cost is host time and differs from host to host.
 """
 from __future__ import annotations
 
 import json
-import statistics
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -26,7 +27,8 @@ import sync_guard
 from lockstep.engine import LLM
 from lockstep.engine.core import EngineCore
 
-from .bench import LLAMA_3_2_1B, TINY, engine_tpot, random_checkpoint
+from .bench import LLAMA_3_2_1B, TINY, engine_tpot, random_checkpoint, summary, versions
+from .host import describe, host_info
 
 # light leaves torch's process-wide sync check on (see sync_guard._light): the deep modes are
 # measured first, in a process where it was never armed, then light against its own "off".
@@ -63,7 +65,7 @@ def guarded_steps(mode: str):
 
 def run_guard_bench(device: str = "cuda", batch_sizes: tuple[int, ...] = (1, 8),
                     shape: str = "llama-3.2-1b", short: int = 32, long: int = 160,
-                    repeats: int = 3, out: str | None = None) -> dict:
+                    repeats: int = 5, out: str | None = None) -> dict:
     config = LLAMA_3_2_1B if shape == "llama-3.2-1b" else TINY
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     with random_checkpoint(config, device, dtype, "lockstep-guard-bench-") as workdir:
@@ -73,7 +75,8 @@ def run_guard_bench(device: str = "cuda", batch_sizes: tuple[int, ...] = (1, 8),
 def _run(workdir: Path, device: str, dtype: torch.dtype, batch_sizes: tuple[int, ...],
          shape: str, short: int, long: int, repeats: int, out: str | None) -> dict:
     results = {"device": torch.cuda.get_device_name() if device == "cuda" else "cpu",
-               "date": time.strftime("%Y-%m-%d"), "shape": shape, "rows": []}
+               "date": time.strftime("%Y-%m-%d"), "shape": shape, "repeats": repeats,
+               "host": host_info(), **versions(), "rows": []}
     llms = {engine_mode: LLM(model=str(workdir), device=device, dtype=dtype,
                              async_scheduling=engine_mode == "async",
                              max_num_seqs=max(batch_sizes), max_model_len=1024,
@@ -89,25 +92,32 @@ def _run(workdir: Path, device: str, dtype: torch.dtype, batch_sizes: tuple[int,
                     with guarded_steps(mode):
                         samples[mode].append(engine_tpot(llms[engine_mode], batch, short,
                                                          long)[0])
-            best = {mode: statistics.median(values) for mode, values in samples.items()}
-            row["tpot_ms_off" if "tpot_ms_off" not in row else "tpot_ms_off_light_phase"] = \
-                best["off"] * 1e3
+            stats = {mode: summary(values) for mode, values in samples.items()}
+            off = "off" if "tpot_ms_off" not in row else "off_light_phase"
+            row[f"tpot_ms_{off}"], row[f"spread_{off}"] = (stats["off"]["median_ms"],
+                                                           stats["off"]["spread"])
             for mode in phase[1:]:
-                row[f"tpot_ms_{mode}"] = best[mode] * 1e3
-                row[f"overhead_{mode}"] = best[mode] / best["off"] - 1  # this phase's own "off"
+                row[f"tpot_ms_{mode}"], row[f"spread_{mode}"] = (stats[mode]["median_ms"],
+                                                                 stats[mode]["spread"])
+                # over this phase's own "off"
+                row[f"overhead_{mode}"] = stats[mode]["median_ms"] / stats["off"]["median_ms"] - 1
     for row in rows.values():
         results["rows"].append(row)
         print(json.dumps(row))
-    print(f"\n{results['date']} {results['device']} ({shape}): decode TPOT per sync_guard mode")
+    print(f"\n{results['date']} {results['device']} ({shape}, commit {results['commit']}, "
+          f"torch {results['torch']}): decode TPOT per sync_guard mode, median of {repeats} "
+          f"alternated repetitions ± spread (overhead over the phase's own off)")
+    print(describe(results["host"]))
     print("| engine | batch | off ms | deep (N=1) ms | sampled (N=16) ms | off ms, 2nd phase "
           "| light ms |")
     print("|---|---|---|---|---|---|---|")
+
+    def cell(r: dict, m: str) -> str:
+        overhead = f" ({r[f'overhead_{m}']:+.1%})" if f"overhead_{m}" in r else ""
+        return f"{r[f'tpot_ms_{m}']:.3f} ± {r[f'spread_{m}']:.0%}{overhead}"
     for r in results["rows"]:
-        cells = [f"{r[f'tpot_ms_{m}']:.3f} ({r[f'overhead_{m}']:+.1%})" for m in
-                 ("deep", "sampled")]
-        print(f"| {r['mode']} | {r['batch']} | {r['tpot_ms_off']:.3f} | {' | '.join(cells)} | "
-              f"{r['tpot_ms_off_light_phase']:.3f} | {r['tpot_ms_light']:.3f} "
-              f"({r['overhead_light']:+.1%}) |")
+        cells = [cell(r, m) for m in ("off", "deep", "sampled", "off_light_phase", "light")]
+        print(f"| {r['mode']} | {r['batch']} | {' | '.join(cells)} |")
     if out:
         Path(out).write_text(json.dumps(results, indent=2))
     return results

@@ -83,3 +83,25 @@ def test_summary_is_a_median_and_a_spread():
 def test_options_validate_in_process_too():
     with pytest.raises(BenchUsageError, match="--short"):
         BenchOptions(device="cpu", short=5, long=5).validate()
+
+
+def test_the_host_is_recorded_with_a_calibration_figure():
+    from lockstep.ci.host import describe, host_info
+    host = host_info()
+    assert host["cpu_model"] and host["cores"] >= 1
+    assert host["calibration_ms"] > 0 and host["calibration_spread"] >= 0
+    assert describe(host).startswith(f"host: {host['cpu_model']}, {host['cores']} cores")
+
+
+def test_a_cpu_guard_bench_reports_spreads_the_host_and_versions(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "lockstep", "guard-bench", "--device", "cpu",
+                           "--shape", "tiny", "--batch-sizes", "1", "--repeats", "2", "--out",
+                           "g.json"], cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads((tmp_path / "g.json").read_text())
+    assert result["repeats"] == 2 and {"torch", "commit", "host"} <= result.keys()
+    assert result["host"]["calibration_ms"] > 0
+    for row in result["rows"]:
+        for mode in ("off", "deep", "sampled", "off_light_phase", "light"):
+            assert row[f"tpot_ms_{mode}"] > 0 and row[f"spread_{mode}"] >= 0, (mode, row)
+    assert "host: " in proc.stdout and " ± " in proc.stdout

@@ -229,3 +229,8 @@ def test_soak_still_reports_a_real_leak(capsys, monkeypatch):
     assert main(["soak", "--requests", "1", "--fault-every", "0", "--abort-rate", "0"]) == 1
     held = soak_result(capsys)["held"]
     assert held["blocks"] > 0 and held["in_flight"] == 0, held
+
+
+def test_guard_bench_refuses_fewer_than_one_repeat(capsys, no_work):
+    assert main(["guard-bench", "--device", "cpu", "--shape", "tiny", "--repeats", "0"]) == 2
+    assert usage_line(capsys, "err") == "lockstep guard-bench: --repeats=0: at least 1"
