@@ -32,7 +32,7 @@ from typing import Any, Iterator
 
 import torch
 
-from . import _scope, hooks
+from . import _scope, hooks, native
 
 TORCH_SYNC_MESSAGE = "called a synchronizing CUDA operation"
 _lock = threading.Lock()
@@ -43,7 +43,7 @@ _scopes = threading.local()
 def _route(msg: Any) -> None:
     if msg.category is UserWarning and TORCH_SYNC_MESSAGE in str(msg.message) \
             and not getattr(_scopes, "passthrough", False):
-        if _scope.armed():
+        if _scope.armed() and not native.installed():   # else judged at the CUDA call itself
             _scope.check_sync("a synchronizing CUDA operation (torch's sync check)")
         return  # judged for a guarded thread; another thread's legitimate sync is not ours
     _installed[0](msg)
@@ -60,6 +60,8 @@ def _silent_copy(original):
             op = _copy((self, src, non_blocking), {})
             if op is not None:
                 _scope.check_sync(op)
+                with native.quiet():
+                    return original(self, src, non_blocking)
         return original(self, src, non_blocking)
     copy_.__sync_guard_original__ = original
     return copy_
@@ -70,6 +72,7 @@ def _install() -> None:
         return
     from .detector import _install_patches
     _install_patches()  # the explicit wrappers
+    native.install_if_requested()
     torch.Tensor.copy_ = _silent_copy(torch.Tensor.copy_)
     _installed.append(warnings._showwarnmsg)
     warnings._showwarnmsg = _route

@@ -13,7 +13,7 @@ from types import ModuleType
 
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from . import hooks
+from . import hooks, native
 
 
 class _GuardMode(TorchDispatchMode):
@@ -29,7 +29,8 @@ class _GuardMode(TorchDispatchMode):
         if hooks.in_device_work():  # the device's own work: no host sync, results stay inside
             return func(*args, **kwargs)
         states = [(c, c.before_op(func, args, kwargs)) for c in self.order]
-        out = func(*args, **kwargs)
+        with native.quiet_if_judged():   # judged here already: not again from native code
+            out = func(*args, **kwargs)
         for checker, state in states:
             if state is not None:
                 checker.after_op(state, func, args, out)

@@ -121,6 +121,7 @@ class _Frame:
     first_only: bool = False
     used: bool = False
     violations: list[SyncReport] = field(default_factory=list)
+    deferred: list[SyncReport] = field(default_factory=list)   # raised when the scope exits
 
 
 _current: ContextVar[_Frame | None] = ContextVar("sync_guard_scope", default=None)
@@ -132,8 +133,9 @@ def armed() -> bool:
     return default_level() != "allow" if frame is None else True
 
 
-def check_sync(op: str) -> None:
-    """Judge a host sync by the innermost scope of the calling context."""
+def check_sync(op: str, deferred: bool = False) -> None:
+    """Judge a host sync by the innermost scope of the calling context. ``deferred``: the caller
+    cannot raise (a callback from native code): a violation is raised when its scope exits."""
     frame = _current.get()
     if frame is None and default_level() == "allow":
         return
@@ -153,7 +155,22 @@ def check_sync(op: str) -> None:
     elif level == "disallow":
         if frame is not None:
             frame.violations.append(report)
-        raise SyncViolation(report)
+        if not deferred:
+            raise SyncViolation(report)
+        if frame is not None:
+            frame.deferred.append(report)
+        else:
+            logger.warning("%s (outside any scope, under SYNC_GUARD=disallow)", report)
+
+
+_internal_errors = [0]
+
+
+def note_internal_error() -> None:
+    """A guard callback from native code failed (it cannot raise there): counted, logged once."""
+    _internal_errors[0] += 1
+    if _internal_errors[0] == 1:
+        logger.exception("sync_guard: a native callback failed; it is ignored")
 
 
 def _record(frame: _Frame | None, report: SyncReport) -> None:
@@ -194,4 +211,7 @@ class Scope(ContextDecorator):
             disarm_thread()
         token = self._tokens.pop()
         if token is not None:
+            frame = _current.get()
             _current.reset(token)
+            if frame is not None and frame.deferred and exc[0] is None:
+                raise SyncViolation(frame.deferred[0])

@@ -20,7 +20,7 @@ import sys
 import threading
 
 import torch
-from . import _mode, _scope, hooks
+from . import _mode, _scope, hooks, native
 
 aten = torch.ops.aten
 _BOOL_INDEX = (torch.bool, torch.uint8)
@@ -120,6 +120,7 @@ def before_op(func, args, kwargs) -> bool:
     op = classify(func, args, kwargs)
     if op is not None:
         _scope.check_sync(op)
+        native.mark_judged()
     return True if hooks.has_sim_memory() and not func._schema.is_mutable else None
 
 
@@ -140,6 +141,7 @@ def _propagate_sim_memory(args, out) -> None:
 def arm_thread() -> None:
     """Judge this thread's ops (the shared dispatch mode) while a scope is open on it."""
     _install_patches()
+    native.install_if_requested()
     _mode.arm(sys.modules[__name__])
 
 
@@ -152,6 +154,8 @@ def _explicit(name: str, original):
     def wrapper(*args, **kwargs):
         if _scope.armed() and not hooks.in_device_work():
             _scope.check_sync(name)
+            with native.quiet():
+                return original(*args, **kwargs)
         return original(*args, **kwargs)
     wrapper.__sync_guard_original__ = original
     return wrapper
