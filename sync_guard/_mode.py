@@ -29,7 +29,10 @@ class _GuardMode(TorchDispatchMode):
         if hooks.in_device_work():  # the device's own work: no host sync, results stay inside
             return func(*args, **kwargs)
         states = [(c, c.before_op(func, args, kwargs)) for c in self.order]
-        with native.quiet_if_judged():   # judged here already: not again from native code
+        if native.judged():   # judged here already: not again from native code
+            with native.quiet_if_judged():
+                out = func(*args, **kwargs)
+        else:
             out = func(*args, **kwargs)
         for checker, state in states:
             if state is not None:

@@ -239,6 +239,11 @@ def mark_judged() -> None:
         _judged.set(True)
 
 
+def judged() -> bool:
+    """One context-variable read: whether the op about to run was judged a sync."""
+    return _judged.get()
+
+
 @contextmanager
 def quiet_if_judged() -> Iterator[None]:
     """Around an op the deep mode runs: quiet when it judged the op a sync, else watching."""
