@@ -8,8 +8,12 @@
 from __future__ import annotations
 
 import importlib
+from typing import TYPE_CHECKING
 
 from ..capabilities import Capabilities
+
+if TYPE_CHECKING:   # the protocol module imports the engine: only when a mode is asked for
+    from ..engine_under_test import Mode
 
 ENGINES = {
     "lockstep": "lockstep.property_tests.engine_under_test:lockstep_engine",
@@ -55,7 +59,7 @@ def engine_name(factory) -> str:
     return next((name for name, target in ENGINES.items() if target == path), path)
 
 
-def engine_modes(factory, device: str) -> tuple["Mode", tuple["Mode", ...]]:
+def engine_modes(factory, device: str) -> tuple[Mode, tuple[Mode, ...]]:
     """(the sync reference, the async modes) ``factory``'s engine runs on ``device`` ("cpu":
     the simulated device where the engine has one, else the CPU; "cuda"), as it declares;
     EngineSpecError when it declares no sync mode there."""
