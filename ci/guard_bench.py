@@ -93,7 +93,7 @@ def _run(workdir: Path, device: str, dtype: torch.dtype, batch_sizes: tuple[int,
                         samples[mode].append(engine_tpot(llms[engine_mode], batch, short,
                                                          long)[0])
             stats = {mode: summary(values) for mode, values in samples.items()}
-            off = "off" if "tpot_ms_off" not in row else "off_light_phase"
+            off = "off" if phase is PHASES[0] else "off_light_phase"
             row[f"tpot_ms_{off}"], row[f"spread_{off}"] = (stats["off"]["median_ms"],
                                                            stats["off"]["spread"])
             for mode in phase[1:]:

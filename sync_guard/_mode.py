@@ -30,7 +30,7 @@ class _GuardMode(TorchDispatchMode):
             return func(*args, **kwargs)
         states = [(c, c.before_op(func, args, kwargs)) for c in self.order]
         if native.judged():   # judged here already: not again from native code
-            with native.quiet_if_judged():
+            with native.quiet_judged():
                 out = func(*args, **kwargs)
         else:
             out = func(*args, **kwargs)

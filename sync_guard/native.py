@@ -234,7 +234,7 @@ def quiet() -> Iterator[None]:
 
 
 def mark_judged() -> None:
-    """The deep mode judged the op about to run as a sync (see :func:`quiet_if_judged`)."""
+    """The deep mode judged the op about to run as a sync (see :func:`quiet_judged`)."""
     if _hook is not None:
         _judged.set(True)
 
@@ -245,11 +245,9 @@ def judged() -> bool:
 
 
 @contextmanager
-def quiet_if_judged() -> Iterator[None]:
-    """Around an op the deep mode runs: quiet when it judged the op a sync, else watching."""
-    if not _judged.get():
-        yield
-        return
+def quiet_judged() -> Iterator[None]:
+    """Around an op the deep mode judged a sync (:func:`judged`): the flag is spent, and the
+    native hook does not judge the op again."""
     _judged.set(False)
     with quiet():
         yield
