@@ -81,8 +81,11 @@ class Device:
     def empty(self, *shape: int, dtype: torch.dtype) -> torch.Tensor:
         return torch.empty(*shape, dtype=dtype, device=self.torch_device)
 
-    def host_empty(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
-        return torch.empty(shape, dtype=dtype, pin_memory=self.pin_memory)
+    def host_empty(self, shape: tuple[int, ...], dtype: torch.dtype,
+                   name: str = "a staging buffer") -> torch.Tensor:
+        """Pinned host memory that owns whole pages: sync_guard's page guard protects them while
+        a copy is pending, so an early host access is a race whoever makes it."""
+        return sync_guard.staging_empty(shape, dtype, name=name, pin_memory=self.pin_memory)
 
     def host_buffer(self, numel: int, dtype: torch.dtype) -> "HostBuffer":
         return HostBuffer(self, numel, dtype)
@@ -114,7 +117,7 @@ class HostBuffer:
         self._allocate(numel)
 
     def _allocate(self, numel: int) -> None:
-        self.host = self.device.host_empty((numel,), self.dtype)
+        self.host = self.device.host_empty((numel,), self.dtype, f"a {self.dtype} staging buffer")
         self.host.zero_()
         self.host_np = self.host.numpy()
         self.dev = self.device.zeros(numel, dtype=self.dtype)

@@ -38,7 +38,8 @@ class PendingOutput:
         self._result = result
         done = device.record(device.compute)
         device.wait(device.copy, done)
-        self._host = [device.host_empty(tuple(t.shape), t.dtype) for t in result.tensors()]
+        self._host = [device.host_empty(tuple(t.shape), t.dtype, "the step's output buffer")
+                      for t in result.tensors()]
         for dst, src in zip(self._host, result.tensors()):
             device.copy_async(dst, src, device.copy)
         self._copied = device.record(device.copy)

@@ -321,7 +321,8 @@ class SimDevice(Device):
         self.compute.synchronize()
         self.copy.synchronize()
 
-    def host_empty(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    def host_empty(self, shape: tuple[int, ...], dtype: torch.dtype,
+                   name: str = "a staging buffer") -> torch.Tensor:
         return torch.empty(shape, dtype=dtype)
 
     def free_memory(self) -> int | None:

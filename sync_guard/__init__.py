@@ -25,10 +25,11 @@ if TYPE_CHECKING:
     from ._scope import GuardError, Scope, SyncReport, SyncViolation, default_level
     from ._light import buffer_reused, light
     from ._sampled import sampled
+    from .pages import staging_empty
     from .races import BufferRace, race_check
 
 __all__ = ["disallow", "log", "allow", "light", "sampled", "buffer_reused", "race_check", "armed",
-           "as_device",
+           "as_device", "staging_empty",
            "Scope", "SyncViolation", "BufferRace", "GuardError", "SyncReport", "default_level",
            "LEVELS"]
 
@@ -36,7 +37,8 @@ __all__ = ["disallow", "log", "allow", "light", "sampled", "buffer_reused", "rac
 # lives in this package and must cost nothing in a test run that never guards anything.
 _LAZY = {"Scope": "_scope", "SyncViolation": "_scope", "GuardError": "_scope",
          "SyncReport": "_scope", "default_level": "_scope", "BufferRace": "races",
-         "race_check": "races", "light": "_light", "buffer_reused": "_light", "sampled": "_sampled"}
+         "race_check": "races", "light": "_light", "buffer_reused": "_light", "sampled": "_sampled",
+         "staging_empty": "pages"}
 
 
 # torch-free: allow, log, disallow (aliases off, warn, error)

@@ -32,7 +32,7 @@ from typing import Any, Iterator
 
 import torch
 
-from . import _scope, hooks, native
+from . import _scope, hooks, native, pages
 
 TORCH_SYNC_MESSAGE = "called a synchronizing CUDA operation"
 _lock = threading.Lock()
@@ -76,7 +76,8 @@ def _install() -> None:
     torch.Tensor.copy_ = _silent_copy(torch.Tensor.copy_)
     _installed.append(warnings._showwarnmsg)
     warnings._showwarnmsg = _route
-    _set_torch_mode("warn")
+    if not native.installed():   # else the native hook sees every blocking CUDA call itself
+        _set_torch_mode("warn")
 
 
 _FILTER_MESSAGE = f".*{re.escape(TORCH_SYNC_MESSAGE)}.*"
@@ -111,11 +112,19 @@ class light:
                 _install()
         _ensure_filter()
         _scopes.depth = getattr(_scopes, "depth", 0) + 1
-        return self.scope.__enter__()
+        records = self.scope.__enter__()
+        pages.arm_races(+1)
+        return records
 
     def __exit__(self, *exc) -> None:
-        self.scope.__exit__(*exc)
         _scopes.depth -= 1
+        pages.arm_races(-1)
+        try:
+            self.scope.__exit__(*exc)
+        except BaseException as error:   # a deferred sync violation: the races are logged
+            pages.raise_races(self.scope.level, type(error))
+            raise
+        pages.raise_races(self.scope.level, exc[0])
 
 
 @contextmanager

@@ -11,6 +11,7 @@ One level vocabulary everywhere (API, ``SYNC_GUARD``, the pytest plugin): ``allo
 from __future__ import annotations
 
 import contextlib
+import itertools
 import logging
 import os
 import sys
@@ -23,6 +24,7 @@ from pathlib import Path
 
 import torch
 
+from . import pages
 from .levels import ENV_VAR, LEVELS, normalize_level  # noqa: F401  (re-exported)
 
 logger = logging.getLogger("sync_guard")
@@ -54,6 +56,16 @@ def default_level() -> str:
 _hidden_files: dict[str, bool] = {}  # filename -> not a user frame (judged once per file)
 
 
+def is_user_file(filename: str) -> bool:
+    """Not the guard's, torch's, pytest's or pluggy's (nor a frozen module)."""
+    hidden = _hidden_files.get(filename)
+    if hidden is None:
+        hidden = _hidden_files[filename] = (
+            filename.startswith(_SKIPPED) or filename.startswith("<frozen")
+            or any(part in filename for part in _SKIPPED_PARTS))
+    return not hidden
+
+
 def user_frames() -> list[traceback.FrameSummary]:
     """The caller's stack without the guard's, torch's, pytest's and pluggy's frames.
 
@@ -64,12 +76,7 @@ def user_frames() -> list[traceback.FrameSummary]:
     frame = sys._getframe(1)
     while frame is not None:
         filename = frame.f_code.co_filename
-        hidden = _hidden_files.get(filename)
-        if hidden is None:
-            hidden = _hidden_files[filename] = (
-                filename.startswith(_SKIPPED) or filename.startswith("<frozen")
-                or any(part in filename for part in _SKIPPED_PARTS))
-        if not hidden:
+        if is_user_file(filename):
             frames.append(traceback.FrameSummary(filename, frame.f_lineno, frame.f_code.co_name,
                                                  lookup_line=False))
         frame = frame.f_back
@@ -122,9 +129,11 @@ class _Frame:
     used: bool = False
     violations: list[SyncReport] = field(default_factory=list)
     deferred: list[SyncReport] = field(default_factory=list)   # raised when the scope exits
+    serial: int = 0   # the outermost scope's number in this process (named in race reports)
 
 
 _current: ContextVar[_Frame | None] = ContextVar("sync_guard_scope", default=None)
+_serials = itertools.count(1)
 
 
 def armed() -> bool:
@@ -198,8 +207,11 @@ class Scope(ContextDecorator):
         if self.level == "allow" and parent is None and default_level() == "allow":
             self._tokens.append(None)  # nothing is guarded here: the allowance has no effect
             return self.records
-        frame = _Frame(self.level, parent, self.records, self.reason, self.first_only)
+        frame = _Frame(self.level, parent, self.records, self.reason, self.first_only,
+                       serial=parent.serial if parent is not None else next(_serials))
         self._tokens.append(_current.set(frame))
+        if pages.loaded():
+            pages.refresh()
         if self.level != "allow" and self.deep:  # an allowance needs no mode of its own
             from .detector import arm_thread
             arm_thread()
@@ -213,5 +225,7 @@ class Scope(ContextDecorator):
         if token is not None:
             frame = _current.get()
             _current.reset(token)
+            if pages.loaded():
+                pages.refresh()
             if frame is not None and frame.deferred and exc[0] is None:
                 raise SyncViolation(frame.deferred[0])

@@ -39,17 +39,18 @@ import ctypes
 import glob
 import os
 import re
+import logging
 import threading
 from contextlib import contextmanager
 from contextvars import ContextVar
-from typing import Iterator
+from typing import Iterable, Iterator
 
-from . import _scope
+from . import _scope, pages
 
 DRIVER, RUNTIME = 1, 2        # CUpti_CallbackDomain
 API_ENTER, API_EXIT = 0, 1    # CUpti_ApiCallbackSite
 MULTIPLE_SUBSCRIBERS = 39     # CUPTI_ERROR_MULTIPLE_SUBSCRIBERS_NOT_SUPPORTED
-MAX_CALLBACK_ID = 2048
+MAX_CALLBACK_ID = 4096        # _native.c's table size
 
 BLOCKING = {
     RUNTIME: frozenset({
@@ -72,21 +73,29 @@ DEVICE_TO_DEVICE = 3
 _SUFFIX = re.compile(r"(_v\d+)?(_ptds|_ptsz)?(_v\d+)?$")
 
 
-class CallbackData(ctypes.Structure):
-    """``CUpti_CallbackData``: what a runtime or driver API callback receives."""
+# What each watched call means to the happens-before model of copies (``_native.c``): the copies
+# that may read or write a guarded staging buffer, the events and waits that order them, and the
+# host waits that end them. Every other blocking call is taken as a wait on the whole device.
+K_NONE, K_COPY_RT, K_COPY_DRV, K_EVENT_RECORD, K_STREAM_WAIT, K_EVENT_SYNC, K_EVENT_QUERY, \
+    K_STREAM_SYNC, K_STREAM_QUERY, K_DEVICE_SYNC, K_EVENT_DESTROY, K_OTHER_SYNC = range(12)
+MODEL = {
+    RUNTIME: {"cudaMemcpyAsync": K_COPY_RT, "cudaEventRecord": K_EVENT_RECORD,
+              "cudaEventRecordWithFlags": K_EVENT_RECORD, "cudaStreamWaitEvent": K_STREAM_WAIT,
+              "cudaEventSynchronize": K_EVENT_SYNC, "cudaEventQuery": K_EVENT_QUERY,
+              "cudaStreamSynchronize": K_STREAM_SYNC, "cudaStreamQuery": K_STREAM_QUERY,
+              "cudaDeviceSynchronize": K_DEVICE_SYNC, "cudaThreadSynchronize": K_DEVICE_SYNC,
+              "cudaEventDestroy": K_EVENT_DESTROY},
+    DRIVER: {"cuMemcpyAsync": K_COPY_DRV, "cuMemcpyHtoDAsync": K_COPY_DRV,
+             "cuMemcpyDtoHAsync": K_COPY_DRV, "cuEventRecord": K_EVENT_RECORD,
+             "cuEventRecordWithFlags": K_EVENT_RECORD, "cuStreamWaitEvent": K_STREAM_WAIT,
+             "cuEventSynchronize": K_EVENT_SYNC, "cuEventQuery": K_EVENT_QUERY,
+             "cuStreamSynchronize": K_STREAM_SYNC, "cuStreamQuery": K_STREAM_QUERY,
+             "cuCtxSynchronize": K_DEVICE_SYNC, "cuEventDestroy": K_EVENT_DESTROY},
+}
 
-    _fields_ = [("callbackSite", ctypes.c_int), ("functionName", ctypes.c_char_p),
-                ("functionParams", ctypes.c_void_p), ("functionReturnValue", ctypes.c_void_p),
-                ("symbolName", ctypes.c_char_p), ("context", ctypes.c_void_p),
-                ("contextUid", ctypes.c_uint32), ("correlationData", ctypes.c_void_p),
-                ("correlationId", ctypes.c_uint32)]
-
-
-_CALLBACK = ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.c_int, ctypes.c_uint32,
-                             ctypes.c_void_p)
+_JUDGE = ctypes.CFUNCTYPE(None, ctypes.c_int, ctypes.c_int)
 _quiet: ContextVar[bool] = ContextVar("sync_guard_native_quiet", default=False)
 _judged: ContextVar[bool] = ContextVar("sync_guard_native_judged", default=False)
-_local = threading.local()   # .runtime: correlation ids of this thread's runtime calls in progress
 
 
 class NativeHookUnavailable(RuntimeError):
@@ -124,28 +133,51 @@ def load_cupti() -> ctypes.CDLL:
                                 + "; ".join(tried[:4]))
 
 
+def callback_table(names: dict[int, Iterable[tuple[int, str]]]
+                   ) -> tuple[list[tuple], list[str]]:
+    """(domain, cbid, model kind, index of the sync's name or -1, kind offset or -1) for every
+    callback worth enabling, from the names CUPTI reports per domain; and the sync names."""
+    rows, sync_names = [], []
+    for domain, pairs in names.items():
+        for cbid, name in pairs:
+            base = base_name(name)
+            blocking = base in BLOCKING.get(domain, ())
+            kind = MODEL.get(domain, {}).get(base, K_OTHER_SYNC if blocking else K_NONE)
+            if kind == K_NONE and not blocking:
+                continue
+            sync = -1
+            if blocking:
+                sync = len(sync_names)
+                sync_names.append(base)
+            rows.append((domain, cbid, kind, sync, KIND_OFFSET.get(base, -1)))
+    return rows, sync_names
+
+
 class _Hook:
     def __init__(self) -> None:
         self.lib = load_cupti()
-        self.callback = _CALLBACK(self._on_call)   # kept alive as long as the subscription
+        self.native = pages.library()   # the callback itself is C (_native.c): no GIL, no Python
+        self.judge = _JUDGE(self._on_sync)   # kept alive as long as the subscription
         self.handle = ctypes.c_void_p()
-        self.names: dict[tuple[int, int], str] = {}
-        result = self.lib.cuptiSubscribe(ctypes.byref(self.handle), self.callback, None)
+        result = self.lib.cuptiSubscribe(ctypes.byref(self.handle),
+                                         ctypes.cast(self.native.sg_callback, ctypes.c_void_p),
+                                         None)
         if result == MULTIPLE_SUBSCRIBERS:
             raise NativeHookUnavailable(
                 "CUPTI allows one callback subscriber per process and another one holds it "
                 "(torch.profiler / kineto, Nsight, or a second sync_guard): native syncs cannot "
                 "be seen. Install sync_guard's native hook before profiling, or profile without "
-                "it (sync_guard.native.uninstall()).")
+                "it (SYNC_GUARD_NATIVE=0).")
         if result != 0:
             raise NativeHookUnavailable(f"cuptiSubscribe failed with CUPTI error {result}")
+        rows, self.sync_names = callback_table(
+            {domain: list(self._callback_names(domain)) for domain in (RUNTIME, DRIVER)})
+        self.native.sg_set_judge(ctypes.cast(self.judge, ctypes.c_void_p))
         self.enabled = 0
-        for domain, wanted in BLOCKING.items():
-            for cbid, name in self._callback_names(domain):
-                if base_name(name) in wanted:
-                    self.names[(domain, cbid)] = base_name(name)
-                    if self.lib.cuptiEnableCallback(1, self.handle, domain, cbid) == 0:
-                        self.enabled += 1
+        for domain, cbid, kind, sync, offset in rows:
+            self.native.sg_set_callback(domain, cbid, kind, sync, offset)
+            if self.lib.cuptiEnableCallback(1, self.handle, domain, cbid) == 0:
+                self.enabled += 1
 
     def _callback_names(self, domain: int) -> Iterator[tuple[int, str]]:
         name = ctypes.c_char_p()
@@ -156,27 +188,13 @@ class _Hook:
 
     def close(self) -> None:
         self.lib.cuptiUnsubscribe(self.handle)
+        self.native.sg_set_judge(None)
 
-    def _on_call(self, _userdata, domain, cbid, data) -> None:
+    def _on_sync(self, index: int, _domain: int) -> None:
+        """A blocking call in a thread with an open scope (the C callback filtered the rest)."""
         try:
-            call = ctypes.cast(data, ctypes.POINTER(CallbackData)).contents
-            running = getattr(_local, "runtime", None)
-            if running is None:
-                running = _local.runtime = set()
-            if domain == RUNTIME:   # a set, not a count: an exit seen without its entry (the
-                if call.callbackSite == API_ENTER:   # hook installed mid-call) is harmless
-                    running.add(call.correlationId)
-                else:
-                    running.discard(call.correlationId)
-            if call.callbackSite != API_ENTER or (domain == DRIVER and running) or _quiet.get():
-                return
-            name = self.names.get((domain, cbid)) or base_name(call.functionName.decode())
-            if name in KIND_OFFSET and call.functionParams:
-                kind = ctypes.c_int.from_address(call.functionParams + KIND_OFFSET[name]).value
-                if kind == DEVICE_TO_DEVICE:
-                    return
-            if _scope.armed():
-                _scope.check_sync(f"{name} (native)", deferred=True)
+            if not _quiet.get() and _scope.armed():
+                _scope.check_sync(f"{self.sync_names[index]} (native)", deferred=True)
         except Exception:   # never into the C code that called: a guard bug must not crash it
             _scope.note_internal_error()
 
@@ -186,29 +204,52 @@ _lock = threading.Lock()
 
 
 def install() -> int:
-    """Subscribe to the blocking CUDA calls (idempotent); returns how many are watched.
-    :class:`NativeHookUnavailable` when CUPTI cannot be used, with the reason."""
+    """Subscribe to the blocking CUDA calls and the copies, events and waits of the page guard's
+    model (idempotent); returns how many callbacks are watched. :class:`NativeHookUnavailable`
+    (or :class:`~sync_guard._native_build.NativeBuildError`) when it cannot, with the reason."""
     global _hook
     with _lock:
         if _hook is None:
             _hook = _Hook()
-        return _hook.enabled
+    pages.refresh()   # the scope being entered now is judged natively too
+    return _hook.enabled
 
 
 ENV_VAR = "SYNC_GUARD_NATIVE"
-_requested: list[bool] = []
+CHOICES = {"auto": "auto", "1": "on", "on": "on", "0": "off", "off": "off"}
+_requested: list[str] = []
+logger = logging.getLogger("sync_guard")
+
+
+def requested_mode() -> str:
+    """``SYNC_GUARD_NATIVE``: ``auto`` (the default: on where CUDA is, falling back with a
+    warning), ``1``/``on`` (an error if it cannot be installed), ``0``/``off``."""
+    raw = os.environ.get(ENV_VAR, "").strip().lower() or "auto"
+    if raw not in CHOICES:
+        raise ValueError(f"{ENV_VAR}={raw!r}: expected one of {', '.join(CHOICES)}")
+    return CHOICES[raw]
 
 
 def install_if_requested() -> None:
-    """With ``SYNC_GUARD_NATIVE=1`` and a CUDA device, install at the first guarded scope (once);
-    a CUPTI that cannot be used is then an error naming why, never a silent miss."""
+    """At the first guarded scope, on a CUDA machine: install the hook unless
+    ``SYNC_GUARD_NATIVE=0``. Under ``auto`` a hook that cannot be installed is a warning naming
+    why (the Python-level checks stay); under ``1`` it is an error. Never a silent miss."""
     if _requested:
         return
-    _requested.append(os.environ.get(ENV_VAR, "0") not in ("", "0"))
-    if _requested[0]:
-        import torch
-        if torch.cuda.is_available():
-            install()
+    _requested.append(requested_mode())
+    if _requested[0] == "off":
+        return
+    import torch
+    if not torch.cuda.is_available():
+        return
+    from ._native_build import NativeBuildError
+    try:
+        install()
+    except (NativeHookUnavailable, NativeBuildError) as exc:
+        if _requested[0] == "on":
+            raise
+        logger.warning("sync_guard: the native sync hook is off (%s); syncs from native code "
+                       "are not seen, the Python-level checks go on", exc)
 
 
 def installed() -> bool:
@@ -216,11 +257,13 @@ def installed() -> bool:
 
 
 def uninstall() -> None:
+    """Unsubscribe (the profiler may then take CUPTI); every guarded page is opened again."""
     global _hook
     with _lock:
         if _hook is not None:
             _hook.close()
             _hook = None
+            pages.release_all()
 
 
 @contextmanager

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from . import _mode, _scope, hooks
+from . import _mode, _scope, hooks, pages
 
 __all__ = ["race_check", "BufferRace", "copy_enqueued", "event_recorded", "stream_waited",
            "host_waited"]
@@ -100,6 +100,14 @@ class BufferRace(_scope.GuardError):
         race.copy_site, race.access_site = [], _scope.user_frames()
         _scope.GuardError.__init__(race, f"{what}, in thread {_scope.thread_name()!r}\n"
                                          f"  at:\n{_format(race.access_site)}")
+        return race
+
+    @classmethod
+    def native(cls, message: str, access_site: list) -> "BufferRace":
+        """A race the page guard saw (the access's frames come from the fault)."""
+        race = cls.__new__(cls)
+        race.copy_site, race.access_site = [], access_site
+        _scope.GuardError.__init__(race, f"{message}\n  at:\n{_format(access_site)}")
         return race
 
     def __init__(self, what: str, copy: _Copy) -> None:
@@ -426,13 +434,16 @@ class race_check:
         hb = outer.hb if shared else _HB(logged=self.races if self._log else None)
         self._tokens.append(_armed.set(_Armed(hb, widen_ms, thread)))
         _mode.arm(sys.modules[__name__])
+        pages.arm_races(+1)
         return self.races
 
     def __exit__(self, exc_type, *exc) -> None:
         _mode.disarm(sys.modules[__name__])
+        pages.arm_races(-1)
         armed = _armed.get()
         _armed.reset(self._tokens.pop())
         outer = _armed.get()
         if exc_type is None and (outer is None or outer.hb is not armed.hb):
             for copy in armed.hb.pending:  # never waited for: was the source changed meanwhile?
                 armed.hb.verify(copy, "the exit of race_check")
+        self.races.extend(pages.raise_races("log" if self._log else "disallow", exc_type))

@@ -11,6 +11,8 @@ import torch
 import sync_guard
 from sync_guard import _scope, native
 
+from cupti_calls import FakeCupti
+
 
 def test_callback_names_lose_their_version_and_stream_suffixes():
     assert native.base_name("cudaMemcpy_ptds_v7000") == "cudaMemcpy"
@@ -39,72 +41,78 @@ def test_a_deferred_violation_is_raised_when_its_scope_exits():
     assert [r.allowed_by for r in seen] == ["planted: the designed wait"]
 
 
-class FakeCall:
-    """A CUPTI callback made by hand: (domain, site, name, params) through ``_Hook._on_call``."""
-
-    def __init__(self) -> None:
-        self.hook = object.__new__(native._Hook)
-        self.hook.names = {}
-        self.keep = []
-
-    def __call__(self, domain: int, site: int, name: str, kind: int | None = None,
-                 correlation: int = 0) -> None:
-        params = None
-        if kind is not None:
-            raw = (ctypes.c_int * 16)()
-            ctypes.c_int.from_address(ctypes.addressof(raw) + native.KIND_OFFSET[name]).value = kind
-            self.keep.append(raw)
-            params = ctypes.addressof(raw)
-        data = native.CallbackData(site, name.encode(), params, None, None, None, 0, None,
-                                   correlation)
-        self.keep.append(data)
-        self.hook._on_call(None, domain, 0, ctypes.addressof(data))
-
-    def blocking(self, domain: int, name: str, kind: int | None = None,
-                 inner: tuple | None = None) -> None:
-        self.calls = getattr(self, "calls", 0) + 2   # CUPTI's correlation ids of the two calls
-        self(domain, native.API_ENTER, name, kind, self.calls)
-        if inner:
-            self(inner[0], native.API_ENTER, inner[1], None, self.calls + 1)
-            self(inner[0], native.API_EXIT, inner[1], None, self.calls + 1)
-        self(domain, native.API_EXIT, name, kind, self.calls)
+@pytest.fixture
+def cupti():
+    fake = FakeCupti({"cudaDeviceSynchronize": native.RUNTIME, "cuCtxSynchronize": native.DRIVER,
+                      "cudaMemcpy": native.RUNTIME, "cuStreamSynchronize": native.DRIVER,
+                      "cudaStreamSynchronize": native.RUNTIME, "cudaLaunchKernel": native.RUNTIME})
+    yield fake
+    fake.close()
 
 
-def test_the_callback_judges_by_scope_once_per_call_and_skips_device_to_device():
-    call = FakeCall()
+def test_the_callback_judges_by_scope_once_per_call_and_skips_device_to_device(cupti):
     with sync_guard.disallow(), sync_guard.allow("record") as seen:
         # the runtime call and the driver call it makes: one report, the runtime's name
-        call.blocking(native.RUNTIME, "cudaDeviceSynchronize",
-                      inner=(native.DRIVER, "cuCtxSynchronize"))
-        call.blocking(native.RUNTIME, "cudaMemcpy", kind=3)     # device to device: no sync
-        call.blocking(native.RUNTIME, "cudaMemcpy", kind=2)     # device to host
-        call.blocking(native.DRIVER, "cuStreamSynchronize")
-        with native.quiet():                                    # judged in Python already
-            call.blocking(native.RUNTIME, "cudaStreamSynchronize")
+        cupti.call("cudaDeviceSynchronize", inner=lambda: cupti.call("cuCtxSynchronize"))
+        cupti.call("cudaMemcpy", 0, 0, 64, 3)     # device to device: no sync
+        cupti.call("cudaMemcpy", 0, 0, 64, 2)     # device to host
+        cupti.call("cuStreamSynchronize", 0)
+        cupti.call("cudaLaunchKernel")            # not watched
+        with native.quiet():                      # judged in Python already
+            cupti.call("cudaStreamSynchronize", 0)
     assert [r.op for r in seen] == ["cudaDeviceSynchronize (native)", "cudaMemcpy (native)",
                                     "cuStreamSynchronize (native)"]
     # the user's frames end at the one that made the native call (here, the fake caller)
-    assert seen[0].frames[-1].name == "__call__"
+    assert seen[0].frames[-1].name == "_site"
     assert not any("sync_guard" in f.filename for f in seen[0].frames)
 
 
-def test_a_broken_callback_is_logged_and_never_raises_into_native_code(caplog, monkeypatch):
+def test_a_thread_without_a_scope_is_not_judged_and_costs_no_python_call(cupti, monkeypatch):
+    calls = []
+    monkeypatch.setattr(_scope, "check_sync", lambda *a, **k: calls.append(a))
+    cupti.call("cudaDeviceSynchronize")
+    assert calls == []
+    with sync_guard.log():
+        cupti.call("cudaDeviceSynchronize")
+    assert len(calls) == 1
+    cupti.call("cudaDeviceSynchronize")        # the scope closed: the C side knows
+    assert len(calls) == 1
+
+
+def test_a_broken_judge_is_logged_and_never_raises_into_native_code(cupti, caplog, monkeypatch):
     monkeypatch.setattr(_scope, "_internal_errors", [0])   # it logs the first one only
-    hook = object.__new__(native._Hook)
-    hook.names = {}
-    data = native.CallbackData(native.API_ENTER, None)   # no function name: the lookup fails
+    cupti.hook.sync_names = []                             # the name lookup fails
     with caplog.at_level(logging.ERROR, logger="sync_guard"), sync_guard.disallow():
-        hook._on_call(None, native.DRIVER, 0, ctypes.addressof(data))
+        cupti.call("cudaDeviceSynchronize")
     assert "a native callback failed" in caplog.text
 
 
-def test_an_exit_without_its_entry_leaves_driver_calls_judged():
+def test_an_exit_without_its_entry_leaves_driver_calls_judged(cupti):
     # the hook installed while a runtime call was in progress sees only that call's exit
-    call = FakeCall()
     with sync_guard.disallow(), sync_guard.allow("record") as seen:
-        call(native.RUNTIME, native.API_EXIT, "cudaDeviceSynchronize", None, 99)
-        call.blocking(native.DRIVER, "cuCtxSynchronize")
+        cupti._site("cudaDeviceSynchronize", native.API_EXIT, (), 0)
+        cupti.call("cuCtxSynchronize")
     assert [r.op for r in seen] == ["cuCtxSynchronize (native)"]
+
+
+def test_the_callback_table_covers_syncs_and_the_copy_model():
+    rows, names = native.callback_table({
+        native.RUNTIME: [(1, "cudaMemcpyAsync_ptsz_v7000"), (2, "cudaStreamSynchronize_v3020"),
+                         (3, "cudaLaunchKernel_v7000"), (4, "cudaFree_v3020")],
+        native.DRIVER: [(5, "cuEventRecord"), (6, "cuMemcpyDtoH_v2")]})
+    kinds = {cbid: (kind, names[sync] if sync >= 0 else None) for _, cbid, kind, sync, _ in rows}
+    assert kinds == {1: (native.K_COPY_RT, None),
+                     2: (native.K_STREAM_SYNC, "cudaStreamSynchronize"),
+                     4: (native.K_OTHER_SYNC, "cudaFree"), 5: (native.K_EVENT_RECORD, None),
+                     6: (native.K_OTHER_SYNC, "cuMemcpyDtoH")}
+
+
+def test_sync_guard_native_is_validated(monkeypatch):
+    monkeypatch.setenv(native.ENV_VAR, "maybe")
+    with pytest.raises(ValueError, match="SYNC_GUARD_NATIVE='maybe'"):
+        native.requested_mode()
+    monkeypatch.setenv(native.ENV_VAR, "0")
+    assert native.requested_mode() == "off"
 
 
 # -- on a GPU ------------------------------------------------------------------------------------

@@ -126,9 +126,9 @@ def _pending_with_one_destination(self, device, sched, result):
     pool = device.__dict__.setdefault("_zoo_d2h_pool", {})
     real_host_empty = device.host_empty
 
-    def pooled(shape, dtype):  # BUG: one destination per shape, whatever is in flight
-        if (shape, dtype) not in pool:
-            pool[(shape, dtype)] = real_host_empty(shape, dtype)
+    def pooled(shape, dtype, name="a staging buffer"):  # BUG: one destination per shape,
+        if (shape, dtype) not in pool:                      # whatever is in flight
+            pool[(shape, dtype)] = real_host_empty(shape, dtype, name)
         return pool[(shape, dtype)]
     device.host_empty = pooled
     try:

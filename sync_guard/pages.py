@@ -1,0 +1,266 @@
+"""Page-protected staging buffers: a host access to a buffer with a pending copy, from anywhere.
+
+A staging buffer from :func:`staging_empty` owns whole pages (a pinned allocation one page
+larger than asked, used from its first page boundary), so protecting them touches nothing else.
+While an asynchronous copy that reads them (host to device) is pending, the pages it touches
+are read-only; while one that writes them (device to host) is pending, they allow no access.
+The native hook (:mod:`sync_guard.native`) sees each copy at CUDA's API boundary and the host
+waits that end it, so protection follows the happens-before model without anyone declaring a
+reuse point. A host access then faults, whoever made it (a torch op, numpy, C code): the fault
+handler (``_native.c``) records the address, the thread and that thread's Python stack (written
+by CPython's own async-signal-safe dumper), opens the pages again and lets the access complete.
+The guarded scope reports it as a :class:`~sync_guard.BufferRace` when it exits (the light mode
+and ``race_check`` drain the records). The process never crashes because of the guard: a fault
+outside every guarded range goes to the handler that was installed before (faulthandler's, or
+the default), and the pages are opened again when the copy is known complete, when the buffer
+is freed, when a guarded scope exits by an exception, and at exit.
+
+Only the copies a guarded thread enqueues (inside ``light()`` or ``race_check()``) protect
+pages: unguarded code pays nothing but the model's bookkeeping.
+"""
+from __future__ import annotations
+
+import atexit
+import ctypes
+import logging
+import os
+import re
+import tempfile
+import threading
+import traceback
+import weakref
+from typing import Any
+
+logger = logging.getLogger("sync_guard")
+
+
+class FaultRecord(ctypes.Structure):
+    """``fault_t`` in ``_native.c``."""
+
+    _fields_ = [("ready", ctypes.c_int), ("range", ctypes.c_int), ("write", ctypes.c_int),
+                ("tid", ctypes.c_int), ("addr", ctypes.c_size_t), ("serial", ctypes.c_uint64),
+                ("scope", ctypes.c_uint64), ("copy_tid", ctypes.c_int),
+                ("to_host", ctypes.c_int), ("dump_offset", ctypes.c_long),
+                ("dump_length", ctypes.c_long)]
+
+
+_lock = threading.Lock()
+_state: dict[str, Any] = {}       # "lib", "dump" (the traceback file), "error"
+_ranges: dict[int, tuple[str, int, int]] = {}   # slot -> (name, start, end)
+_thread = threading.local()       # .last: the (sync, races, serial) pushed to C; .races: depth
+_reported: set[int] = set()       # copy serials already reported (one report per pending copy)
+_lost = ctypes.c_uint64(0)
+
+
+def library():
+    """The native library, configured once (the fault handler's traceback file and CPython's
+    dumper); raises :class:`~sync_guard._native_build.NativeBuildError` when it cannot be built."""
+    lib = _state.get("lib")
+    if lib is not None:
+        return lib
+    with _lock:
+        if "lib" not in _state:
+            from ._native_build import load
+            lib = load()
+            if lib.sg_fault_record_size() != ctypes.sizeof(FaultRecord):
+                raise RuntimeError("sync_guard: _native.c and pages.FaultRecord disagree")
+            dump = tempfile.TemporaryFile(prefix="sync_guard-faults-")
+            api = ctypes.pythonapi
+            dumper = getattr(api, "_Py_DumpTraceback", None)
+            lib.sg_configure(ctypes.cast(dumper, ctypes.c_void_p) if dumper else None,
+                             ctypes.cast(api.PyGILState_GetThisThreadState, ctypes.c_void_p),
+                             dump.fileno())
+            _state["dump"] = dump
+            _state["lib"] = lib
+            atexit.register(release_all)
+    return _state["lib"]
+
+
+def loaded() -> bool:
+    return "lib" in _state
+
+
+def available() -> bool:
+    """Whether the page guard can be used here (the library builds); the reason is logged once."""
+    try:
+        library()
+        return True
+    except Exception as exc:  # noqa: BLE001 - no compiler, a read-only cache: fall back
+        if "error" not in _state:
+            _state["error"] = str(exc)
+            logger.warning("sync_guard: page-protected staging buffers unavailable (%s); "
+                           "staging buffers are plain pinned memory", exc)
+        return False
+
+
+def page_size() -> int:
+    return os.sysconf("SC_PAGESIZE")
+
+
+def staging_empty(shape: tuple[int, ...] | int, dtype: Any = None, name: str = "a staging buffer",
+                  pin_memory: bool | None = None):
+    """An uninitialised host tensor that owns whole pages, pinned where CUDA is available, and
+    guarded: while a copy a guarded thread enqueued is pending, a host access to the pages it
+    touches is a :class:`~sync_guard.BufferRace` (see the module). ``name`` names it in
+    reports. The guard lasts as long as the returned tensor object (keep it, not only views)."""
+    import torch
+    shape = (shape,) if isinstance(shape, int) else tuple(shape)
+    dtype = dtype or torch.float32
+    if pin_memory is None:
+        pin_memory = torch.cuda.is_available()
+    page = page_size()
+    numel = 1
+    for n in shape:
+        numel *= n
+    nbytes = numel * torch.empty((), dtype=dtype).element_size()
+    rounded = max(page, -(-nbytes // page) * page)
+    raw = torch.empty(rounded + page, dtype=torch.uint8, pin_memory=pin_memory)
+    skip = -raw.data_ptr() % page
+    owned = raw[skip:skip + rounded]
+    tensor = owned[:nbytes].view(dtype).view(shape)
+    if available():
+        start = owned.data_ptr()
+        slot = library().sg_add_range(start, start + rounded)
+        if slot < 0:
+            logger.warning("sync_guard: no room to guard %s (%d guarded buffers)", name,
+                           len(_ranges))
+        else:
+            _ranges[slot] = (name, start, start + rounded)
+            weakref.finalize(tensor, _remove, slot)
+    return tensor
+
+
+def _remove(slot: int) -> None:
+    lib = _state.get("lib")
+    if lib is not None and _ranges.pop(slot, None) is not None:
+        lib.sg_remove_range(slot)
+
+
+def guarded(tensor: Any) -> bool:
+    """Whether ``tensor``'s first byte lies in a guarded staging buffer."""
+    ptr = tensor.data_ptr()
+    return any(start <= ptr < end for _, start, end in _ranges.values())
+
+
+def arm_races(delta: int) -> None:
+    """A race-checking scope (``light`` or ``race_check``) opened (+1) or closed (-1) here."""
+    _thread.races = getattr(_thread, "races", 0) + delta
+    refresh()
+
+
+def races_armed() -> bool:
+    return getattr(_thread, "races", 0) > 0
+
+
+def refresh() -> None:
+    """Tell the native side what this thread's scopes are now: whether a sync is judged, whether
+    a copy protects its pages, and the outermost scope's serial (named in race reports)."""
+    lib = _state.get("lib")
+    if lib is None:
+        return
+    from . import _scope
+    frame = _scope._current.get()
+    state = (int(_scope.armed()), int(races_armed()), frame.serial if frame is not None else 0)
+    if getattr(_thread, "last", None) != state:
+        _thread.last = state
+        lib.sg_set_thread(*state)
+
+
+_TRACE_LINE = re.compile(r'File "(.*)", line (\d+) in (.*)')
+
+
+def _frames(record: FaultRecord) -> list[traceback.FrameSummary]:
+    from . import _scope
+    if record.dump_offset < 0:
+        return []
+    text = os.pread(_state["dump"].fileno(), record.dump_length, record.dump_offset).decode(
+        "utf-8", "replace")
+    frames = [traceback.FrameSummary(m[1], int(m[2]), m[3].strip(), lookup_line=False)
+              for m in _TRACE_LINE.finditer(text) if _scope.is_user_file(m[1])]
+    frames.reverse()   # the dump is most recent call first
+    return frames
+
+
+def _thread_name(tid: int) -> str:
+    for thread in threading.enumerate():
+        if thread.native_id == tid:
+            return thread.name
+    return f"a thread that has ended or is not Python's (native id {tid})"
+
+
+def take_races() -> list:
+    """The races the fault handler recorded since the last call, as BufferRace errors (one per
+    pending copy)."""
+    lib = _state.get("lib")
+    if lib is None:
+        return []
+    records = (FaultRecord * 32)()
+    races = []
+    while True:
+        n = lib.sg_take_faults(records, 32, ctypes.byref(_lost))
+        for record in records[:n]:
+            if record.serial and record.serial in _reported:
+                continue
+            _reported.add(record.serial)
+            races.append(_race(record))
+        if n < 32:
+            break
+    if _lost.value:
+        logger.warning("sync_guard: %d page faults were not recorded (the record buffer was "
+                       "full)", _lost.value)
+        _lost.value = 0
+    return races
+
+
+def _race(record: FaultRecord):
+    from .races import BufferRace
+    name, start, _ = _ranges.get(record.range, ("a freed staging buffer", record.addr, 0))
+    access = "write to" if record.write else "access to"
+    copy = ("device-to-host copy into it" if record.to_host else
+            "host-to-device copy from it")
+    pending = (f"while the {copy} (copy #{record.serial}, enqueued by thread "
+               f"{_thread_name(record.copy_tid)!r} in guarded scope #{record.scope}) was "
+               f"pending: the host never waited on it" if record.serial else
+               "while a copy was pending")
+    message = (f"host {access} {name} (byte {record.addr - start}) by thread "
+               f"{_thread_name(record.tid)!r} {pending} (seen by the page guard)")
+    return BufferRace.native(message, _frames(record))
+
+
+def raise_races(level: str, exc_type: Any) -> list:
+    """At a race-checking scope's exit: the recorded races are raised (the first; the others
+    logged), or logged and returned under ``level="log"`` or while another exception propagates
+    (then, at the outermost race-checking scope, every guarded page is opened again)."""
+    if exc_type is not None and not races_armed():
+        release_all()
+    races = take_races()
+    if not races:
+        return races
+    if level == "log" or exc_type is not None:
+        for race in races:
+            logger.warning("%s", race)
+        return races
+    for race in races[1:]:
+        logger.warning("%s", race)
+    raise races[0]
+
+
+def release_all() -> None:
+    """Open every guarded page and forget the pending copies (exit, a scope left by an error)."""
+    lib = _state.get("lib")
+    if lib is not None:
+        lib.sg_release_all()
+
+
+def counts() -> tuple[int, int]:
+    """(pending copies, ranges with protected pages) in the native model."""
+    lib = library()
+    pending, protected, lost = ctypes.c_int(), ctypes.c_int(), ctypes.c_uint64()
+    lib.sg_counts(ctypes.byref(pending), ctypes.byref(protected), ctypes.byref(lost))
+    return pending.value, protected.value
+
+
+def ensure_handler() -> None:
+    """Our fault handler first in line (again, if faulthandler or someone replaced it)."""
+    if library().sg_ensure_handler() < 0:
+        raise RuntimeError("sync_guard: the page guard's SIGSEGV handler could not be installed")
