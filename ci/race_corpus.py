@@ -9,9 +9,12 @@ no fence, or a wait on the wrong event, is a race; a correct fence (``event.sync
 in a host wait) is not.
 
 * Verdict: the scenario under ``sync_guard.race_check()``; a race = ``BufferRace`` raised.
-* Always-on verdict: the scenario under ``sync_guard.light()``, which checks at the point of
-  reuse: just before the host access, ``sync_guard.buffer_reused(event)`` with the event
-  recorded after the copy (the last user of the buffer), as the engine's staging buffers do.
+* Always-on verdict: the scenario under ``sync_guard.light()``. With the native hook (CUDA's
+  default), the buffers are page-owning staging buffers (``sync_guard.staging_empty``) and the
+  page guard sees the access itself, whoever makes it (``light_by: "page guard"``; a numpy
+  read is then scored too). Without it, the light mode checks at a declared point of reuse:
+  just before the host access, ``sync_guard.buffer_reused(event)`` with the event recorded
+  after the copy, as the engine's staging buffers do (``light_by: "reuse point"``).
 * ``corruption_observed`` (informative, no guard): for H2D, the device received the host's *new*
   value; for D2H, the host read a stale value. Racy scenarios should show it, fenced ones not.
 
@@ -108,11 +111,24 @@ def _scenarios() -> list[RaceScenario]:
 SCENARIOS: list[RaceScenario] = _scenarios()
 
 
+def _staging() -> torch.Tensor:
+    """A page-owning pinned buffer, as an engine's staging buffer should be: with the native
+    hook, the light mode's page guard watches it without a declared reuse point."""
+    import sync_guard
+    return sync_guard.staging_empty(N, torch.float32, name="the scenario's pinned buffer")
+
+
+def paged() -> bool:
+    """Whether the light mode judges by the page guard here (the native hook is installed)."""
+    from sync_guard import native, pages
+    return native.installed() and pages.loaded()
+
+
 def _h2d(sc: RaceScenario, cycles: int, at_reuse=None):
     """Returns (body, observe): body runs the scenario; observe() -> corruption observed.
     ``at_reuse(event)`` runs just before the host access, with the event recorded after the
     copy (the always-on mode's reuse-point check)."""
-    buf = torch.full((N,), OLD, pin_memory=True)
+    buf = _staging().fill_(OLD)
     dev = torch.zeros(N, device="cuda")
     torch.cuda.synchronize()
     stream = side_stream() if sc.stream == "side" else torch.cuda.current_stream()
@@ -135,7 +151,7 @@ def _h2d(sc: RaceScenario, cycles: int, at_reuse=None):
 
 
 def _d2h(sc: RaceScenario, cycles: int, at_reuse=None):
-    out = torch.zeros(N, pin_memory=True)
+    out = _staging().zero_()
     dev = torch.zeros(N, device="cuda")
     torch.cuda.synchronize()
     current = torch.cuda.current_stream()
@@ -202,7 +218,11 @@ def run_scenario(sc: RaceScenario, cycles: int) -> dict:
         body, _ = setup(sc, cycles)
         row["detected"], row["report"] = _verdict(body, sync_guard.race_check)
         torch.cuda.synchronize()
-        body, _ = setup(sc, cycles, lambda event: sync_guard.buffer_reused(
+        by_pages = paged()
+        row["light_by"] = "page guard" if by_pages else "reuse point"
+        if by_pages:   # a numpy read of a pending destination faults like any other access
+            row["must_detect"] = True
+        body, _ = setup(sc, cycles, None if by_pages else lambda event: sync_guard.buffer_reused(
             event, "the scenario's pinned buffer"))
         row["light"], row["light_report"] = _verdict(body, _light_allowing_fences)
     except Exception as exc:  # noqa: BLE001 - a crash is a finding, not an abort

@@ -426,6 +426,8 @@ class race_check:
 
     def __enter__(self) -> list["BufferRace"]:
         _install_patches()
+        from . import native
+        native.install_if_requested()   # on CUDA: the page guard watches staging buffers too
         if self.widen_ms and torch.cuda.is_available():
             _calibrate()  # before arming: the calibration's own sync is not judged
         outer, thread = _armed.get(), threading.get_ident()
