@@ -97,9 +97,16 @@ def _stream() -> int:
     return torch.cuda.current_stream().cuda_stream
 
 
+_events: list = []
+
+
 def _event_after() -> torch.cuda.Event:
+    """An event recorded now, kept alive (a temporary's handle would be destroyed before the
+    native call uses it)."""
     event = torch.cuda.Event()
     event.record()
+    _events.append(event)
+    del _events[:-8]
     return event
 
 

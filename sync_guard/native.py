@@ -211,8 +211,36 @@ def install() -> int:
     with _lock:
         if _hook is None:
             _hook = _Hook()
+            _refuse_cuda_profiling()
     pages.refresh()   # the scope being entered now is judged natively too
     return _hook.enabled
+
+
+PROFILER_CONFLICT = (
+    "torch.profiler cannot record CUDA activities while sync_guard's native hook holds CUPTI's "
+    "one callback subscription (kineto would only log 'CUPTI initialization failed' and record "
+    "no kernel). Profile without the hook: call sync_guard.native.uninstall() first (it cannot "
+    "come back in this process: kineto keeps CUPTI), or run with SYNC_GUARD_NATIVE=0; or "
+    "profile CPU activities only.")
+
+
+def _refuse_cuda_profiling() -> None:
+    """Starting torch's profiler with CUDA activities while the hook is installed fails with
+    :data:`PROFILER_CONFLICT` instead of silently losing every CUDA activity."""
+    from torch.autograd import profiler
+    if getattr(profiler.profile._prepare_trace, "__sync_guard_original__", None):
+        return
+    for name in ("_prepare_trace", "_start_trace"):
+        original = getattr(profiler.profile, name)
+
+        def checked(self, *args, __original=original, **kwargs):
+            from torch.profiler import ProfilerActivity
+            if _hook is not None and ProfilerActivity.CUDA in getattr(
+                    self, "kineto_activities", ()):
+                raise NativeHookUnavailable(PROFILER_CONFLICT)
+            return __original(self, *args, **kwargs)
+        checked.__sync_guard_original__ = original
+        setattr(profiler.profile, name, checked)
 
 
 ENV_VAR = "SYNC_GUARD_NATIVE"

@@ -72,7 +72,7 @@ def library():
                              dump.fileno())
             _state["dump"] = dump
             _state["lib"] = lib
-            atexit.register(release_all)
+            atexit.register(_at_exit)
     return _state["lib"]
 
 
@@ -243,6 +243,12 @@ def raise_races(level: str, exc_type: Any) -> list:
     for race in races[1:]:
         logger.warning("%s", race)
     raise races[0]
+
+
+def _at_exit() -> None:
+    release_all()
+    _state["lib"].sg_configure(None, None, -1)   # no more traceback dumps into the file
+    _state["dump"].close()
 
 
 def release_all() -> None:

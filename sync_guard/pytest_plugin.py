@@ -39,10 +39,14 @@ MARKER_HELP = ("nosync(target=None): run the test body (or only the calls of tar
 _HIDDEN = tuple(os.sep + part + os.sep for part in ("sync_guard", "torch", "_pytest", "pluggy"))
 
 
+MODES = ("deep", "light", "auto")
+
+
 @dataclass(frozen=True)
 class GuardOptions:
     level: str         # allow | log | disallow
     widen_ms: float    # 0: no widening
+    mode: str = "deep"  # deep | light | auto (light on CUDA with the native hook, else deep)
 
 
 @dataclass
@@ -64,8 +68,15 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     group.addoption("--widen-races", default=None, metavar="MS",
                     help="on CUDA, delay each tracked copy by MS milliseconds so that latent "
                          "host-buffer races corrupt data deterministically")
+    group.addoption("--sync-guard-mode", default=None, choices=MODES,
+                    help="deep (default): a dispatch mode judges every op, the race checker "
+                         "tracks every pinned copy; light: the native hook judges every "
+                         "blocking CUDA call and the page guard watches staging buffers "
+                         "(sync_guard.staging_empty) only; auto: light on CUDA where the native "
+                         "hook installs and races are not widened, else deep")
     parser.addini("sync_guard", "the level of nosync tests (as --sync-guard)", default="disallow")
     parser.addini("sync_guard_widen_races", "as --widen-races", default="0")
+    parser.addini("sync_guard_mode", "as --sync-guard-mode", default="deep")
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -86,7 +97,11 @@ def pytest_configure(config: pytest.Config) -> None:
         raise pytest.UsageError(f"{widen_name}={raw!r}: not a number of milliseconds") from None
     if widen < 0:
         raise pytest.UsageError(f"{widen_name}={raw!r}: must be >= 0 milliseconds")
-    config.stash[_OPTIONS] = GuardOptions(level, widen)
+    mode = config.getoption("--sync-guard-mode") or config.getini("sync_guard_mode")
+    if mode not in MODES:
+        raise pytest.UsageError(f"sync_guard_mode (ini)={mode!r}: expected one of "
+                                f"{', '.join(MODES)}")
+    config.stash[_OPTIONS] = GuardOptions(level, widen, mode)
     config.stash[_FINDINGS] = Findings()
 
 
@@ -100,6 +115,8 @@ def pytest_report_collectionfinish(config: pytest.Config, items: list[pytest.Ite
     guarded = sum(item.get_closest_marker("nosync") is not None for item in items)
     widen = f"{options.widen_ms:g} ms race widening" if options.widen_ms else "no race widening"
     head = f"sync_guard: level={options.level}, {widen}, nosync tests: {guarded}"
+    if guarded and options.level != "allow":
+        head += f", mode={resolved_mode(options)}"
     if not guarded or options.level == "allow":
         return head
     return f"{head}; {_what_is_checked()}"
@@ -124,6 +141,40 @@ def _warn_once_without_cuda(item: pytest.Item) -> None:
                               "checked; a sync on CPU tensors cannot happen and is not reported"))
 
 
+_resolved: dict[GuardOptions, str] = {}
+
+
+def resolved_mode(options: GuardOptions) -> str:
+    """``deep`` or ``light``: ``auto`` is light on CUDA when the native hook is installed (every
+    blocking CUDA call judged, staging buffers page-guarded) and races are not widened."""
+    if options.mode != "auto":
+        return options.mode
+    if options not in _resolved:
+        mode = "deep"
+        import torch
+        if torch.cuda.is_available() and not options.widen_ms:
+            from sync_guard import native
+            native.install_if_requested()
+            mode = "light" if native.installed() else "deep"
+        _resolved[options] = mode
+    return _resolved[options]
+
+
+@contextmanager
+def _page_races(level: str) -> Iterator[list]:
+    """The page guard alone, for the whole test (the light mode's race check)."""
+    from sync_guard import pages
+    pages.arm_races(+1)
+    try:
+        yield []
+    except BaseException as exc:
+        pages.arm_races(-1)
+        pages.raise_races(level, type(exc))
+        raise
+    pages.arm_races(-1)
+    pages.raise_races(level, None)
+
+
 @contextmanager
 def armed(options: GuardOptions, sync_level: bool = True) -> Iterator[tuple[list, list]]:
     """The race checker at the configured level, and (``sync_level``) the sync detector."""
@@ -131,6 +182,12 @@ def armed(options: GuardOptions, sync_level: bool = True) -> Iterator[tuple[list
         yield [], []
         return
     import sync_guard
+    if resolved_mode(options) == "light":
+        with ExitStack() as stack:
+            races = stack.enter_context(_page_races(options.level))
+            syncs = stack.enter_context(sync_guard.light(options.level)) if sync_level else []
+            yield syncs, races
+        return
     with ExitStack() as stack:
         races = stack.enter_context(sync_guard.race_check(widen_ms=options.widen_ms or None,
                                                           level=options.level))
@@ -177,7 +234,8 @@ def _target(item: pytest.Item, marker: pytest.Mark) -> str | None:
 
 
 @contextmanager
-def _guard_calls(item: pytest.Item, target: str, level: str) -> Iterator[list]:
+def _guard_calls(item: pytest.Item, target: str, level: str, deep: bool = True
+                 ) -> Iterator[list]:
     """Replace every reference to ``target`` by a guarded wrapper; yields the calls' count."""
     import sync_guard
     owner, name, raw = _resolve(item, target)
@@ -186,7 +244,7 @@ def _guard_calls(item: pytest.Item, target: str, level: str) -> Iterator[list]:
 
     def guarded(*args, **kwargs):
         calls[0] += 1
-        with sync_guard.Scope(level) as found:
+        with (sync_guard.Scope(level) if deep else sync_guard.light(level)) as found:
             try:
                 return function(*args, **kwargs)
             finally:
@@ -224,7 +282,8 @@ def pytest_runtest_call(item: pytest.Item):
                 result = yield
         else:
             with armed(options, sync_level=False) as (_, races), \
-                    _guard_calls(item, target, options.level) as (calls, syncs):
+                    _guard_calls(item, target, options.level,
+                                 resolved_mode(options) == "deep") as (calls, syncs):
                 result = yield
             if calls[0] == 0:
                 _usage(item, f"target={target!r} was never called by the test: nothing was "

@@ -50,7 +50,8 @@ class FakeCupti:
     def close(self) -> None:
         for name, cbid in self.cbid.items():
             self.lib.sg_set_callback(self.domain[name], cbid, native.K_NONE, -1, -1)
-        self.lib.sg_set_judge(None)
+        real = native._hook   # a real hook installed in this process gets its judge back
+        self.lib.sg_set_judge(ctypes.cast(real.judge, ctypes.c_void_p) if real else None)
 
     def _site(self, name: str, site: int, params: tuple, result: int) -> None:
         raw = (ctypes.c_uint64 * 8)(*params)

@@ -129,10 +129,12 @@ def _cudart() -> ctypes.CDLL:
 @pytest.fixture
 def hooked():
     torch.cuda.init()
+    before = native.installed()
     watched = native.install()
     assert watched >= 10, watched
     yield
-    native.uninstall()
+    if not before:
+        native.uninstall()
 
 
 @pytest.mark.gpu
@@ -169,3 +171,49 @@ def test_a_native_sync_under_disallow_fails_the_scope_and_a_python_sync_is_repor
         torch.cuda.synchronize()
         torch.ones(4, device="cuda").sum().item()
     assert len(seen) == 2 and "native" not in seen[0].op, [r.op for r in seen]
+
+
+@pytest.mark.gpu
+def test_cuda_profiling_under_the_hook_fails_saying_what_to_do_and_detection_goes_on(hooked):
+    from torch.profiler import ProfilerActivity, profile
+    with pytest.raises(native.NativeHookUnavailable, match="native.uninstall"):
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]):
+            torch.ones(4, device="cuda").add_(1)
+    with profile(activities=[ProfilerActivity.CPU]) as prof:   # CPU activities: unaffected
+        torch.ones(4, device="cuda").add_(1)
+    assert any("add_" in event.name for event in prof.events())
+    with pytest.raises(sync_guard.SyncViolation, match="cudaDeviceSynchronize .native."):
+        with sync_guard.disallow():
+            _cudart().cudaDeviceSynchronize()
+
+
+PROFILE_FIRST = """
+import logging, sys, torch
+from torch.profiler import ProfilerActivity, profile
+import sync_guard
+from sync_guard import native
+with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+    torch.ones(4, device="cuda").add_(1)
+    torch.cuda.synchronize()
+assert any(e.device_type == torch.autograd.DeviceType.CUDA for e in prof.events())
+try:
+    native.install()
+except native.NativeHookUnavailable as exc:
+    print("refused:", exc)
+logging.basicConfig()
+with sync_guard.light():   # SYNC_GUARD_NATIVE unset (auto): a warning, the Python checks go on
+    pass
+print("installed:", native.installed())
+"""
+
+
+@pytest.mark.gpu
+def test_after_cuda_profiling_the_hook_is_refused_with_the_reason():
+    import subprocess
+    import sys
+    done = subprocess.run([sys.executable, "-c", PROFILE_FIRST], capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "refused: CUPTI allows one callback subscriber" in done.stdout
+    assert "installed: False" in done.stdout
+    assert "the native sync hook is off" in done.stderr
