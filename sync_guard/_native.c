@@ -23,16 +23,18 @@
 #include <signal.h>
 #include <stdatomic.h>
 #include <stdint.h>
+#include <stdlib.h>
 #include <string.h>
 #include <sys/mman.h>
 #include <sys/syscall.h>
 #include <unistd.h>
 
 #define MAX_CBID 4096
-#define MAX_RANGES 512
+#define MAX_RANGES 4096
 #define MAX_PENDING 4096
 #define MAX_STREAMS 32
-#define MAX_EVENTS 4096
+#define FIRST_EVENTS 4096
+#define MAX_EVENTS (1 << 22)
 #define MAX_FAULTS 256
 #define RW (PROT_READ | PROT_WRITE)
 
@@ -113,7 +115,9 @@ static uintptr_t stream_handle[MAX_STREAMS];
 static int stream_used[MAX_STREAMS];
 static uint64_t stream_clock[MAX_STREAMS][MAX_STREAMS];
 static uint64_t host_clock[MAX_STREAMS];
-static event_t events[MAX_EVENTS];
+static event_t *events;       /* open addressing, grown at half load */
+static size_t event_capacity, event_count;
+static int events_overflowed; /* a record was lost: an unknown event's wait counts as the device's */
 static uint64_t copy_serial;
 static long page_size;
 static _Atomic uint64_t dropped; /* copies or events the tables had no room for */
@@ -150,37 +154,68 @@ static int stream_index(uintptr_t handle) {
   return free_slot;
 }
 
-static event_t *find_event(uintptr_t handle, int create) {
-  size_t h = (size_t)(handle >> 4) * 2654435761u;
-  for (int probe = 0; probe < MAX_EVENTS; probe++) {
-    event_t *e = &events[(h + probe) % MAX_EVENTS];
-    if (e->used && e->handle == handle) return e;
-    if (!e->used) {
-      if (!create) return NULL;
-      e->used = 1;
-      e->handle = handle;
+static size_t event_hash(uintptr_t handle) { return (size_t)(handle >> 4) * 2654435761u; }
+
+static event_t *probe(event_t *table, size_t capacity, uintptr_t handle, int *found) {
+  size_t h = event_hash(handle);
+  for (size_t i = 0; i < capacity; i++) {
+    event_t *e = &table[(h + i) % capacity];
+    if (!e->used || e->handle == handle) {
+      *found = e->used;
       return e;
     }
   }
-  dropped++;
+  *found = 0;
   return NULL;
 }
 
-static void forget_event(uintptr_t handle) {
-  /* open addressing: re-insert the run after the removed slot */
-  size_t h = (size_t)(handle >> 4) * 2654435761u;
-  for (int probe = 0; probe < MAX_EVENTS; probe++) {
-    size_t at = (h + probe) % MAX_EVENTS;
-    if (!events[at].used) return;
-    if (events[at].handle != handle) continue;
-    events[at].used = 0;
-    for (size_t next = (at + 1) % MAX_EVENTS; events[next].used; next = (next + 1) % MAX_EVENTS) {
-      event_t moved = events[next];
-      events[next].used = 0;
-      event_t *slot = find_event(moved.handle, 1);
-      if (slot) memcpy(slot->clock, moved.clock, sizeof moved.clock);
+static int grow_events(void) {
+  size_t capacity = event_capacity ? 2 * event_capacity : FIRST_EVENTS;
+  if (capacity > MAX_EVENTS) return -1;
+  event_t *table = calloc(capacity, sizeof *table);
+  if (!table) return -1;
+  for (size_t i = 0; i < event_capacity; i++) {
+    if (!events[i].used) continue;
+    int found;
+    *probe(table, capacity, events[i].handle, &found) = events[i];
+  }
+  free(events);
+  events = table;
+  event_capacity = capacity;
+  return 0;
+}
+
+static event_t *find_event(uintptr_t handle, int create) {
+  int found = 0;
+  event_t *e = event_capacity ? probe(events, event_capacity, handle, &found) : NULL;
+  if (found || !create) return found ? e : NULL;
+  if (2 * (event_count + 1) > event_capacity) {
+    if (grow_events() != 0) {
+      events_overflowed = 1;
+      dropped++;
+      return NULL;
     }
-    return;
+    e = probe(events, event_capacity, handle, &found);
+  }
+  e->used = 1;
+  e->handle = handle;
+  event_count++;
+  return e;
+}
+
+static void forget_event(uintptr_t handle) {
+  int found;
+  event_t *e = event_capacity ? probe(events, event_capacity, handle, &found) : NULL;
+  if (!e || !found) return;
+  e->used = 0;
+  event_count--;
+  /* open addressing: re-insert the run after the removed slot */
+  size_t at = (size_t)(e - events);
+  for (size_t next = (at + 1) % event_capacity; events[next].used;
+       next = (next + 1) % event_capacity) {
+    event_t moved = events[next];
+    events[next].used = 0;
+    *probe(events, event_capacity, moved.handle, &found) = moved;
   }
 }
 
@@ -217,7 +252,7 @@ static void apply_protection(int r) {
 
 static void settle(void) {
   /* the host's clock moved: copies it now covers are done */
-  int touched[MAX_RANGES];
+  static int touched[MAX_RANGES]; /* under the lock */
   int ntouched = 0;
   for (int i = 0; i < pending_high; i++) {
     pending_t *p = &pending[i];
@@ -313,6 +348,8 @@ static void model(int kind, int domain, const callback_data *d) {
     if ((e = find_event(param(d, 0), 0))) {
       join(host_clock, e->clock);
       settle();
+    } else if (events_overflowed) { /* its record may be the one lost: no false alarm */
+      host_waited_device();
     }
     break;
   case K_STREAM_QUERY:
@@ -559,3 +596,24 @@ void sg_counts(int *pending_copies, int *protected_ranges, uint64_t *lost) {
 }
 
 size_t sg_fault_record_size(void) { return sizeof(fault_t); }
+
+uint64_t sg_dropped(void) { return atomic_load(&dropped); }
+
+/* Diagnostics: each pending copy as (serial, stream handle, seq, the host's clock for that
+ * stream, to_host); returns how many were written. */
+int sg_debug_pending(uint64_t *out, int capacity) {
+  pthread_mutex_lock(&lock);
+  int n = 0;
+  for (int i = 0; i < pending_high && n < capacity; i++) {
+    pending_t *p = &pending[i];
+    if (p->range < 0) continue;
+    uint64_t *row = out + 5 * n++;
+    row[0] = p->serial;
+    row[1] = stream_handle[p->stream];
+    row[2] = p->seq;
+    row[3] = host_clock[p->stream];
+    row[4] = p->to_host;
+  }
+  pthread_mutex_unlock(&lock);
+  return n;
+}

@@ -48,6 +48,7 @@ _lock = threading.Lock()
 _state: dict[str, Any] = {}       # "lib", "dump" (the traceback file), "error"
 _ranges: dict[int, tuple[str, int, int]] = {}   # slot -> (name, start, end)
 _thread = threading.local()       # .last: the (sync, races, serial) pushed to C; .races: depth
+_names: dict[int, tuple[str, int, int]] = {}    # slot -> its last buffer (named after a free)
 _reported: set[int] = set()       # copy serials already reported (one report per pending copy)
 _lost = ctypes.c_uint64(0)
 
@@ -125,7 +126,7 @@ def staging_empty(shape: tuple[int, ...] | int, dtype: Any = None, name: str = "
             logger.warning("sync_guard: no room to guard %s (%d guarded buffers)", name,
                            len(_ranges))
         else:
-            _ranges[slot] = (name, start, start + rounded)
+            _ranges[slot] = _names[slot] = (name, start, start + rounded)
             weakref.finalize(tensor, _remove, slot)
     return tensor
 
@@ -205,6 +206,12 @@ def take_races() -> list:
             races.append(_race(record))
         if n < 32:
             break
+    dropped = lib.sg_dropped()
+    if dropped and not _state.get("dropped_warned"):
+        _state["dropped_warned"] = True
+        logger.warning("sync_guard: the native model's tables were full %d times (copies on "
+                       "more than 32 streams, or over 4M live events): races on what it could "
+                       "not track may be missed", dropped)
     if _lost.value:
         logger.warning("sync_guard: %d page faults were not recorded (the record buffer was "
                        "full)", _lost.value)
@@ -214,7 +221,10 @@ def take_races() -> list:
 
 def _race(record: FaultRecord):
     from .races import BufferRace
-    name, start, _ = _ranges.get(record.range, ("a freed staging buffer", record.addr, 0))
+    name, start, _ = _ranges.get(record.range) or _names.get(record.range) or (
+        "a staging buffer", record.addr, 0)
+    if record.range not in _ranges:
+        name += " (freed since)"
     access = "write to" if record.write else "access to"
     copy = ("device-to-host copy into it" if record.to_host else
             "host-to-device copy from it")
