@@ -17,6 +17,7 @@ versions, since a guard's cost is host time and differs from host to host.
 from __future__ import annotations
 
 import json
+import logging
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -35,24 +36,42 @@ from .host import describe, host_info
 PHASES = (("off", "deep", "sampled"), ("off", "light"))
 
 
+class _Reports(logging.Handler):
+    """What the guard reported while measuring (level "log"), per mode: counted, not shown."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.mode = "off"
+        self.seen: dict[str, list[str]] = {}
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.seen.setdefault(self.mode, []).append(record.getMessage())
+
+
+_reports = _Reports()
+
+
 @contextmanager
 def guarded_steps(mode: str):
+    _reports.mode = mode
     original = EngineCore.step
     if mode == "off":
         yield
         return
+    # at level "log": the cost of judging is the same, and a report (the native hook sees the
+    # attention backend's first-step cudaFree, say) must not end the measurement
     if mode == "light":
         def step(engine):
-            with sync_guard.light():
+            with sync_guard.light("log"):
                 return original(engine)
     elif mode == "sampled":
-        step = sync_guard.sampled(original)
+        step = sync_guard.sampled(original, level="log")
     else:
-        races = sync_guard.race_check()
+        races = sync_guard.race_check(level="log")
         races.__enter__()
 
         def step(engine):
-            with sync_guard.disallow():
+            with sync_guard.log():
                 return original(engine)
     EngineCore.step = step
     try:
@@ -66,6 +85,9 @@ def guarded_steps(mode: str):
 def run_guard_bench(device: str = "cuda", batch_sizes: tuple[int, ...] = (1, 8),
                     shape: str = "llama-3.2-1b", short: int = 32, long: int = 160,
                     repeats: int = 5, out: str | None = None) -> dict:
+    logger = logging.getLogger("sync_guard")
+    logger.addHandler(_reports)
+    logger.propagate = False
     config = LLAMA_3_2_1B if shape == "llama-3.2-1b" else TINY
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     with random_checkpoint(config, device, dtype, "lockstep-guard-bench-") as workdir:
@@ -104,6 +126,10 @@ def _run(workdir: Path, device: str, dtype: torch.dtype, batch_sizes: tuple[int,
     for row in rows.values():
         results["rows"].append(row)
         print(json.dumps(row))
+    results["reports"] = {mode: {"count": len(seen), "first": seen[0][:2000]}
+                          for mode, seen in _reports.seen.items()}
+    for mode, seen in results["reports"].items():
+        print(f"reports under {mode}: {seen['count']}; first: {seen['first'][:600]}")
     print(f"\n{results['date']} {results['device']} ({shape}, commit {results['commit']}, "
           f"torch {results['torch']}): decode TPOT per sync_guard mode, median of {repeats} "
           f"alternated repetitions ± spread (overhead over the phase's own off)")
