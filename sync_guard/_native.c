@@ -120,7 +120,8 @@ static size_t event_capacity, event_count;
 static int events_overflowed; /* a record was lost: an unknown event's wait counts as the device's */
 static uint64_t copy_serial;
 static long page_size;
-static _Atomic uint64_t dropped; /* copies or events the tables had no room for */
+_Atomic uint64_t dropped; /* copies or events the tables had no room for (read by Python) */
+int protection_on = 1;     /* SYNC_GUARD_PAGES=0: the model runs, no page is protected */
 
 /* ---- fault records (written by the signal handler, drained by Python) ---- */
 typedef struct {
@@ -136,7 +137,8 @@ typedef struct {
 } fault_t;
 
 static fault_t faults[MAX_FAULTS];
-static _Atomic uint64_t fault_write, fault_read;
+_Atomic uint64_t fault_write; /* read by Python without a call (ctypes in_dll) */
+static _Atomic uint64_t fault_read;
 static atomic_flag dump_busy = ATOMIC_FLAG_INIT;
 static struct sigaction previous;
 static _Atomic int handler_installed;
@@ -239,7 +241,7 @@ static void apply_protection(int r) {
     mprotect((void *)start, end - start, RW);
     atomic_store(&rg->protected_, 0);
   }
-  if (!rg->pending) return;
+  if (!rg->pending || !protection_on) return;
   sg_ensure_handler();
   for (int pass = 0; pass < 2; pass++)
     for (int i = 0; i < pending_high; i++) {
@@ -376,10 +378,14 @@ static void model(int kind, int domain, const callback_data *d) {
   (void)domain;
 }
 
+uint64_t sg_calls[3][MAX_CBID]; /* entries seen per callback id (diagnostics; racy counts) */
+uint64_t sg_judged;             /* calls into the Python judge */
+
 void sg_callback(void *userdata, int domain, uint32_t cbid, const callback_data *d) {
   (void)userdata;
   if (domain != DRIVER && domain != RUNTIME) return;
   if (cbid >= MAX_CBID) return;
+  if (d->site == API_ENTER) sg_calls[domain][cbid]++;
   callback_entry entry = table[domain][cbid];
   if (domain == RUNTIME) {
     if (d->site == API_ENTER) runtime_depth++;
@@ -392,6 +398,7 @@ void sg_callback(void *userdata, int domain, uint32_t cbid, const callback_data 
       if (entry.kind_offset >= 0 && d->params &&
           *(const int *)((const char *)d->params + entry.kind_offset) == DEVICE_TO_DEVICE)
         return;
+      sg_judged++;
       judge(entry.sync_name, domain);
     }
     return;

@@ -149,9 +149,13 @@ def disarm_thread() -> None:
     _mode.disarm(sys.modules[__name__])
 
 
-def _explicit(name: str, original):
+def _explicit(name: str, original, one_native_call: bool = False):
+    """``one_native_call``: the call is one blocking CUDA call the native hook judges itself
+    (where it is installed), so the wrapper leaves it alone: judged once, at the cheaper place."""
     @functools.wraps(original)
     def wrapper(*args, **kwargs):
+        if one_native_call and native._hook is not None:
+            return original(*args, **kwargs)
         if _scope.armed() and not hooks.in_device_work():
             _scope.check_sync(name)
             with native.quiet():
@@ -196,10 +200,12 @@ def _install_patches() -> None:
     with _patch_lock:
         if _patched:
             return
-        torch.cuda.synchronize = _explicit("torch.cuda.synchronize", torch.cuda.synchronize)
+        torch.cuda.synchronize = _explicit("torch.cuda.synchronize", torch.cuda.synchronize,
+                                           one_native_call=True)
         torch.cuda.empty_cache = _explicit("torch.cuda.empty_cache", torch.cuda.empty_cache)
         for cls, method in ((torch.cuda.Stream, "synchronize"), (torch.cuda.Event, "synchronize")):
-            setattr(cls, method, _explicit(f"{cls.__name__}.{method}", getattr(cls, method)))
+            setattr(cls, method, _explicit(f"{cls.__name__}.{method}", getattr(cls, method),
+                                           one_native_call=True))
         for method in ("tolist", "numpy", "cpu"):
             setattr(torch.Tensor, method, _host_read(method, getattr(torch.Tensor, method)))
         for method in ("__repr__", "__format__"):

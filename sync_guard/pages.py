@@ -44,6 +44,7 @@ class FaultRecord(ctypes.Structure):
                 ("dump_length", ctypes.c_long)]
 
 
+PAGES_ENV = "SYNC_GUARD_PAGES"   # "0": copies are modelled, no page is ever protected
 _lock = threading.Lock()
 _state: dict[str, Any] = {}       # "lib", "dump" (the traceback file), "error"
 _ranges: dict[int, tuple[str, int, int]] = {}   # slot -> (name, start, end)
@@ -72,6 +73,11 @@ def library():
                              ctypes.cast(api.PyGILState_GetThisThreadState, ctypes.c_void_p),
                              dump.fileno())
             _state["dump"] = dump
+            # read without a call: whether the fault handler wrote records since the last look
+            _state["fault_write"] = ctypes.c_uint64.in_dll(lib, "fault_write")
+            _state["dropped"] = ctypes.c_uint64.in_dll(lib, "dropped")
+            if os.environ.get(PAGES_ENV, "1").strip() == "0":
+                ctypes.c_int.in_dll(lib, "protection_on").value = 0
             _state["lib"] = lib
             atexit.register(_at_exit)
     return _state["lib"]
@@ -195,6 +201,9 @@ def take_races() -> list:
     lib = _state.get("lib")
     if lib is None:
         return []
+    written = _state["fault_write"].value
+    if written == _state.get("fault_seen", 0):
+        return []
     records = (FaultRecord * 32)()
     races = []
     while True:
@@ -206,7 +215,8 @@ def take_races() -> list:
             races.append(_race(record))
         if n < 32:
             break
-    dropped = lib.sg_dropped()
+    _state["fault_seen"] = written
+    dropped = _state["dropped"].value
     if dropped and not _state.get("dropped_warned"):
         _state["dropped_warned"] = True
         logger.warning("sync_guard: the native model's tables were full %d times (copies on "
