@@ -6,7 +6,9 @@ The same engine and workload run with ``EngineCore.step`` plain and under each m
 * ``deep``: as ``pytest -m nosync`` runs it (N = 1): the race checker armed throughout and each
   step inside ``sync_guard.disallow()``;
 * ``sampled``: the deep mode on one step in ``sync_guard._sampled.DEFAULT_EVERY``
-  (``sync_guard.sampled``).
+  (``sync_guard.sampled``);
+* ``light_pages16``: the light mode with page protection sampled, one guarded copy in 16
+  (``SYNC_GUARD_PAGES=16``).
 
 Per engine mode and batch size: decode TPOT (from the difference of two generation lengths),
 the median of ``repeats`` runs alternating the modes within one process, its spread (max - min
@@ -33,7 +35,7 @@ from .host import describe, host_info
 
 # light leaves torch's process-wide sync check on (see sync_guard._light): the deep modes are
 # measured first, in a process where it was never armed, then light against its own "off".
-PHASES = (("off", "deep", "sampled"), ("off", "light"))
+PHASES = (("off", "deep", "sampled"), ("off", "light", "light_pages16"))
 
 
 class _Reports(logging.Handler):
@@ -60,7 +62,12 @@ def guarded_steps(mode: str):
         return
     # at level "log": the cost of judging is the same, and a report (the native hook sees the
     # attention backend's first-step cudaFree, say) must not end the measurement
-    if mode == "light":
+    every = None
+    if mode in ("light", "light_pages16"):
+        if mode == "light_pages16" and torch.cuda.is_available():
+            from sync_guard import pages
+            every = pages.set_protect_every(16)
+
         def step(engine):
             with sync_guard.light("log"):
                 return original(engine)
@@ -80,6 +87,9 @@ def guarded_steps(mode: str):
         EngineCore.step = original
         if mode == "deep":
             races.__exit__(None, None, None)
+        if every is not None:
+            from sync_guard import pages
+            pages.set_protect_every(every)
 
 
 def run_guard_bench(device: str = "cuda", batch_sizes: tuple[int, ...] = (1, 8),
@@ -135,14 +145,15 @@ def _run(workdir: Path, device: str, dtype: torch.dtype, batch_sizes: tuple[int,
           f"alternated repetitions ± spread (overhead over the phase's own off)")
     print(describe(results["host"]))
     print("| engine | batch | off ms | deep (N=1) ms | sampled (N=16) ms | off ms, 2nd phase "
-          "| light ms |")
-    print("|---|---|---|---|---|---|---|")
+          "| light ms | light, pages 1/16 ms |")
+    print("|---|---|---|---|---|---|---|---|")
 
     def cell(r: dict, m: str) -> str:
         overhead = f" ({r[f'overhead_{m}']:+.1%})" if f"overhead_{m}" in r else ""
         return f"{r[f'tpot_ms_{m}']:.3f} ± {r[f'spread_{m}']:.0%}{overhead}"
     for r in results["rows"]:
-        cells = [cell(r, m) for m in ("off", "deep", "sampled", "off_light_phase", "light")]
+        cells = [cell(r, m) for m in ("off", "deep", "sampled", "off_light_phase", "light",
+                                      "light_pages16")]
         print(f"| {r['mode']} | {r['batch']} | {' | '.join(cells)} |")
     if out:
         Path(out).write_text(json.dumps(results, indent=2))

@@ -81,6 +81,18 @@ static __thread int armed;        /* a sync here is judged */
 static __thread int races_armed;  /* copies from here protect their pages */
 static __thread uint64_t scope_serial;
 static __thread int runtime_depth;
+/* The innermost scope is a plain allow: a blocking call is recorded here, without a call into
+ * Python (which must take the GIL torch released around the wait), and Python collects the
+ * names when that scope exits (sg_take_allowed). */
+#define ALLOWED_RING 32
+static __thread int allow_fast;
+static __thread int allowed_names[ALLOWED_RING];
+static __thread int allowed_count;
+static __thread int quiet; /* a Python-level check judged this call already */
+/* Page protection is applied to one guarded copy in `protect_every` per thread (1: all;
+ * 0: none); every copy is modelled either way. */
+int protect_every = 1;
+static __thread unsigned protect_tick;
 
 /* ---- guarded ranges, pending copies, the happens-before model (under `lock`) ---- */
 typedef struct {
@@ -94,6 +106,7 @@ typedef struct {
   int range;      /* -1: a free slot */
   int stream;     /* index into the clock tables */
   int to_host;    /* device to host: no host access while pending */
+  int protect;    /* its pages are protected (sampled: SYNC_GUARD_PAGES) */
   uint64_t seq;   /* done once host_clock[stream] >= seq */
   uintptr_t lo, hi; /* the pages it touches */
   uint64_t serial, scope;
@@ -121,7 +134,6 @@ static int events_overflowed; /* a record was lost: an unknown event's wait coun
 static uint64_t copy_serial;
 static long page_size;
 _Atomic uint64_t dropped; /* copies or events the tables had no room for (read by Python) */
-int protection_on = 1;     /* SYNC_GUARD_PAGES=0: the model runs, no page is protected */
 
 /* ---- fault records (written by the signal handler, drained by Python) ---- */
 typedef struct {
@@ -241,12 +253,12 @@ static void apply_protection(int r) {
     mprotect((void *)start, end - start, RW);
     atomic_store(&rg->protected_, 0);
   }
-  if (!rg->pending || !protection_on) return;
+  if (!rg->pending) return;
   sg_ensure_handler();
   for (int pass = 0; pass < 2; pass++)
     for (int i = 0; i < pending_high; i++) {
       pending_t *p = &pending[i];
-      if (p->range != r || p->to_host != pass) continue;
+      if (p->range != r || p->to_host != pass || !p->protect) continue;
       mprotect((void *)p->lo, p->hi - p->lo, pass ? PROT_NONE : PROT_READ);
       atomic_store(&rg->protected_, 1);
     }
@@ -262,6 +274,7 @@ static void settle(void) {
     int r = p->range;
     p->range = -1;
     ranges[r].pending--;
+    if (!p->protect) continue;
     int seen = 0;
     for (int k = 0; k < ntouched; k++) seen |= touched[k] == r;
     if (!seen && ntouched < MAX_RANGES) touched[ntouched++] = r;
@@ -311,8 +324,9 @@ static void copy_enqueued(uintptr_t dst, uintptr_t src, size_t count, uintptr_t 
   p->serial = ++copy_serial;
   p->scope = scope_serial;
   p->tid = (pid_t)syscall(SYS_gettid);
+  p->protect = protect_every > 0 && protect_tick++ % (unsigned)protect_every == 0;
   ranges[r].pending++;
-  apply_protection(r);
+  if (p->protect) apply_protection(r);
 }
 
 static uintptr_t param(const callback_data *d, int offset) {
@@ -394,12 +408,17 @@ void sg_callback(void *userdata, int domain, uint32_t cbid, const callback_data 
     return; /* made by a runtime call we see: judged and modelled there */
   }
   if (d->site == API_ENTER) {
-    if (entry.sync_name >= 0 && armed && judge) {
+    if (entry.sync_name >= 0 && armed && !quiet) {
       if (entry.kind_offset >= 0 && d->params &&
           *(const int *)((const char *)d->params + entry.kind_offset) == DEVICE_TO_DEVICE)
         return;
-      sg_judged++;
-      judge(entry.sync_name, domain);
+      if (allow_fast) {
+        if (allowed_count < ALLOWED_RING) allowed_names[allowed_count] = entry.sync_name;
+        allowed_count++;
+      } else if (judge) {
+        sg_judged++;
+        judge(entry.sync_name, domain);
+      }
     }
     return;
   }
@@ -497,10 +516,22 @@ int sg_set_callback(int domain, int cbid, int kind, int sync_name, int kind_offs
   return 0;
 }
 
-void sg_set_thread(int sync_armed, int race_armed, uint64_t serial) {
+void sg_set_thread(int sync_armed, int race_armed, uint64_t serial, int allowing) {
   armed = sync_armed;
   races_armed = race_armed;
   scope_serial = serial;
+  allow_fast = allowing;
+}
+
+void sg_quiet(int delta) { quiet += delta; }
+
+/* The names of the blocking calls recorded under a plain allow since the last call; returns
+ * how many there were (more than `capacity` when the ring overflowed). */
+int sg_take_allowed(int *out, int capacity) {
+  int n = allowed_count;
+  for (int i = 0; i < n && i < capacity && i < ALLOWED_RING; i++) out[i] = allowed_names[i];
+  allowed_count = 0;
+  return n;
 }
 
 /* Ours must be the first handler a fault reaches: installed again if someone replaced it

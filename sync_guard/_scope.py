@@ -224,6 +224,9 @@ class Scope(ContextDecorator):
         token = self._tokens.pop()
         if token is not None:
             frame = _current.get()
+            if self.level == "allow" and pages.loaded():
+                from .native import record_allowed
+                record_allowed(frame)
             _current.reset(token)
             if pages.loaded():
                 pages.refresh()

@@ -94,6 +94,7 @@ MODEL = {
 }
 
 _JUDGE = ctypes.CFUNCTYPE(None, ctypes.c_int, ctypes.c_int)
+sync_names: list[str] = []   # the C side's sync-name indices, as the installed table has them
 _quiet: ContextVar[bool] = ContextVar("sync_guard_native_quiet", default=False)
 _judged: ContextVar[bool] = ContextVar("sync_guard_native_judged", default=False)
 
@@ -172,6 +173,7 @@ class _Hook:
             raise NativeHookUnavailable(f"cuptiSubscribe failed with CUPTI error {result}")
         rows, self.sync_names = callback_table(
             {domain: list(self._callback_names(domain)) for domain in (RUNTIME, DRIVER)})
+        sync_names[:] = self.sync_names
         self.native.sg_set_judge(ctypes.cast(self.judge, ctypes.c_void_p))
         self.enabled = 0
         for domain, cbid, kind, sync, offset in rows:
@@ -298,10 +300,28 @@ def uninstall() -> None:
 def quiet() -> Iterator[None]:
     """A sync that a Python-level check already judged: the native hook does not judge it again."""
     token = _quiet.set(True)
+    lib = pages._state.get("lib")
+    if lib is not None:
+        lib.sg_quiet(1)
     try:
         yield
     finally:
+        if lib is not None:
+            lib.sg_quiet(-1)
         _quiet.reset(token)
+
+
+def record_allowed(frame) -> None:
+    """At a plain allow scope's exit: the blocking calls the C side recorded there without calling
+    Python, as allowed reports (the frames are the scope's exit: where the allowance ends)."""
+    if frame is None or not sync_names:
+        return
+    names = pages.take_allowed(sync_names)
+    if names:
+        thread, frames = _scope.thread_name(), _scope.user_frames()
+        for name in names:
+            _scope._record(frame, _scope.SyncReport(f"{name} (native)", thread, frames,
+                                                    allowed_by=frame.reason))
 
 
 def mark_judged() -> None:

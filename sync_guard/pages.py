@@ -44,7 +44,7 @@ class FaultRecord(ctypes.Structure):
                 ("dump_length", ctypes.c_long)]
 
 
-PAGES_ENV = "SYNC_GUARD_PAGES"   # "0": copies are modelled, no page is ever protected
+PAGES_ENV = "SYNC_GUARD_PAGES"   # 1 (default): every guarded copy protects; N: one in N; 0: none
 _lock = threading.Lock()
 _state: dict[str, Any] = {}       # "lib", "dump" (the traceback file), "error"
 _ranges: dict[int, tuple[str, int, int]] = {}   # slot -> (name, start, end)
@@ -76,11 +76,32 @@ def library():
             # read without a call: whether the fault handler wrote records since the last look
             _state["fault_write"] = ctypes.c_uint64.in_dll(lib, "fault_write")
             _state["dropped"] = ctypes.c_uint64.in_dll(lib, "dropped")
-            if os.environ.get(PAGES_ENV, "1").strip() == "0":
-                ctypes.c_int.in_dll(lib, "protection_on").value = 0
+            _state["protect_every"] = ctypes.c_int.in_dll(lib, "protect_every")
+            _state["protect_every"].value = protect_every_from_env()
             _state["lib"] = lib
             atexit.register(_at_exit)
     return _state["lib"]
+
+
+def protect_every_from_env() -> int:
+    """``SYNC_GUARD_PAGES``: ``1`` (the default) protects the pages of every guarded copy, ``N``
+    one copy in N per thread (a race that recurs every step is still caught within N steps, at
+    1/N of the cost: sampling as GWP-ASan does), ``0`` none (copies are still modelled)."""
+    raw = os.environ.get(PAGES_ENV, "").strip() or "1"
+    if not raw.isdigit():
+        raise ValueError(f"{PAGES_ENV}={raw!r}: expected 0 (off), 1 (every copy) or N (one "
+                         f"copy in N)")
+    return int(raw)
+
+
+def set_protect_every(every: int) -> int:
+    """Protect one guarded copy in ``every`` (0: none); returns the previous setting."""
+    if not isinstance(every, int) or every < 0:
+        raise ValueError(f"every={every!r}: must be an int >= 0")
+    library()
+    previous = _state["protect_every"].value
+    _state["protect_every"].value = every
+    return previous
 
 
 def loaded() -> bool:
@@ -167,10 +188,25 @@ def refresh() -> None:
         return
     from . import _scope
     frame = _scope._current.get()
-    state = (int(_scope.armed()), int(races_armed()), frame.serial if frame is not None else 0)
+    allowing = frame is not None and frame.level == "allow" and not frame.first_only
+    state = (int(_scope.armed()), int(races_armed()), frame.serial if frame is not None else 0,
+             int(allowing))
     if getattr(_thread, "last", None) != state:
         _thread.last = state
         lib.sg_set_thread(*state)
+
+
+_allowed = (ctypes.c_int * 32)()
+
+
+def take_allowed(sync_names: list[str]) -> list[str]:
+    """The blocking calls the native side recorded under this thread's plain allow scope."""
+    lib = _state.get("lib")
+    if lib is None:
+        return []
+    n = lib.sg_take_allowed(_allowed, len(_allowed))
+    names = [sync_names[i] for i in _allowed[:min(n, len(_allowed))]]
+    return names + [names[-1]] * (n - len(names)) if names else names
 
 
 _TRACE_LINE = re.compile(r'File "(.*)", line (\d+) in (.*)')

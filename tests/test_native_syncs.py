@@ -62,9 +62,34 @@ def test_the_callback_judges_by_scope_once_per_call_and_skips_device_to_device(c
             cupti.call("cudaStreamSynchronize", 0)
     assert [r.op for r in seen] == ["cudaDeviceSynchronize (native)", "cudaMemcpy (native)",
                                     "cuStreamSynchronize (native)"]
-    # the user's frames end at the one that made the native call (here, the fake caller)
-    assert seen[0].frames[-1].name == "_site"
+    # recorded in C under a plain allow, named where the allowance ends (no Python call at
+    # the sync: torch released the GIL around the wait)
+    assert seen[0].frames[-1].name.startswith("test_the_callback_judges")
     assert not any("sync_guard" in f.filename for f in seen[0].frames)
+    assert all(r.allowed_by == "record" for r in seen)
+
+
+def test_a_judged_native_sync_names_the_frame_that_made_the_call(cupti):
+    with pytest.raises(sync_guard.SyncViolation, match="cudaDeviceSynchronize .native.") as err:
+        with sync_guard.disallow():
+            cupti.call("cudaDeviceSynchronize")
+    assert err.value.report.frames[-1].name == "_site"   # the fake caller
+
+
+def test_under_a_plain_allow_no_python_runs_at_the_sync(cupti, monkeypatch):
+    judged = []
+    monkeypatch.setattr(cupti.hook, "_on_sync", lambda *a: judged.append(a))
+    counting = native._JUDGE(cupti.hook._on_sync)   # kept alive while C holds it
+    cupti.lib.sg_set_judge(ctypes.cast(counting, ctypes.c_void_p))
+    with sync_guard.disallow():
+        with sync_guard.allow("the designed wait") as seen:
+            cupti.call("cudaDeviceSynchronize")
+            cupti.call("cuStreamSynchronize", 0)
+        with sync_guard.allow("first only", first_only=True):   # needs the judge: counted
+            cupti.call("cudaDeviceSynchronize")
+    assert [r.op for r in seen] == ["cudaDeviceSynchronize (native)",
+                                    "cuStreamSynchronize (native)"]
+    assert len(judged) == 1
 
 
 def test_a_thread_without_a_scope_is_not_judged_and_costs_no_python_call(cupti, monkeypatch):
@@ -168,9 +193,11 @@ def test_a_native_sync_under_disallow_fails_the_scope_and_a_python_sync_is_repor
         with sync_guard.disallow():
             cudart.cudaDeviceSynchronize()
     with sync_guard.disallow(), sync_guard.allow("record") as seen:
-        torch.cuda.synchronize()
-        torch.ones(4, device="cuda").sum().item()
-    assert len(seen) == 2 and "native" not in seen[0].op, [r.op for r in seen]
+        torch.cuda.synchronize()                  # one blocking call: the native hook's
+        torch.ones(4, device="cuda").sum().item()  # judged by the deep mode, not again natively
+    ops = sorted(r.op for r in seen)
+    assert len(ops) == 2 and ops[1] == "cudaDeviceSynchronize (native)", ops
+    assert "native" not in ops[0], ops
 
 
 @pytest.mark.gpu

@@ -232,3 +232,21 @@ def test_a_fault_outside_every_guarded_range_still_crashes_through_faulthandler(
     assert "survived the guarded fault" in done.stdout
     assert done.returncode == -11, (done.returncode, done.stderr[-2000:])
     assert "Fatal Python error: Segmentation fault" in done.stderr
+
+
+def test_sampled_protection_protects_one_copy_in_n_and_models_them_all(cuda, buf, monkeypatch):
+    monkeypatch.setenv(pages.PAGES_ENV, "x")
+    with pytest.raises(ValueError, match="SYNC_GUARD_PAGES='x'"):
+        pages.protect_every_from_env()
+    previous = pages.set_protect_every(2)
+    try:
+        protected = []
+        with sync_guard.light(), sync_guard.allow("the fence"):
+            for _ in range(4):
+                copy_from(cuda, buf)
+                protected.append(pages.counts()[1])
+                cuda.call("cudaDeviceSynchronize")
+                assert pages.counts() == (0, 0)
+        assert sorted(protected) == [0, 0, 1, 1]
+    finally:
+        pages.set_protect_every(previous)
