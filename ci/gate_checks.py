@@ -2,8 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
-from contextlib import contextmanager
-from typing import TYPE_CHECKING, Iterator
+from typing import TYPE_CHECKING
 
 from hypothesis import settings
 
@@ -127,23 +126,6 @@ def _generate_workload(model: str | None, vocab: int) -> Workload:
                           enumerate(zip(prompts, params))))
 
 
-@contextmanager
-def _guarded(device: str) -> Iterator[None]:
-    """The cheapest complete guard for Lockstep's own engine: on CUDA with the native hook, the
-    light mode (every blocking CUDA call judged; every async copy of the engine uses a
-    page-guarded staging buffer); elsewhere the deep mode (the only one that sees the simulated
-    device's syncs)."""
-    if device == "cuda":
-        from sync_guard import native
-        native.install_if_requested()
-        if native.installed():
-            with sync_guard.light():
-                yield
-            return
-    with sync_guard.race_check(), sync_guard.disallow():
-        yield
-
-
 def _generate(workload: Workload, device: str, policy: str, async_scheduling: bool) -> RunRecord:
     spec = workload.engine
     llm = LLM(model=spec.model, device=device, sim_policy=policy if device == "sim" else None,
@@ -151,7 +133,7 @@ def _generate(workload: Workload, device: str, policy: str, async_scheduling: bo
               num_kv_blocks=spec.num_kv_blocks, max_num_batched_tokens=spec.max_num_batched_tokens,
               max_num_seqs=spec.max_num_seqs, dtype="float32" if device == "cuda" else None)
     name = Mode(async_scheduling, device, policy).name
-    with _guarded(device):
+    with sync_guard.race_check(), sync_guard.disallow():
         outs = llm.generate([list(r.prompt) for r in workload.requests],
                             [r.params for r in workload.requests])
     stats = llm.stats()

@@ -82,9 +82,12 @@ class Device:
         return torch.empty(*shape, dtype=dtype, device=self.torch_device)
 
     def host_empty(self, shape: tuple[int, ...], dtype: torch.dtype,
-                   name: str = "a staging buffer") -> torch.Tensor:
-        """Pinned host memory that owns whole pages: sync_guard's page guard protects them while
-        a copy is pending, so an early host access is a race whoever makes it."""
+                   name: str = "a staging buffer", staging: bool = True) -> torch.Tensor:
+        """Pinned host memory; a ``staging`` buffer (allocated once, reused every step) owns
+        whole pages that sync_guard's page guard protects while a copy is pending, so an early
+        host access is a race whoever makes it."""
+        if not staging:
+            return torch.empty(shape, dtype=dtype, pin_memory=self.pin_memory)
         return sync_guard.staging_empty(shape, dtype, name=name, pin_memory=self.pin_memory)
 
     def host_buffer(self, numel: int, dtype: torch.dtype) -> "HostBuffer":

@@ -38,7 +38,10 @@ class PendingOutput:
         self._result = result
         done = device.record(device.compute)
         device.wait(device.copy, done)
-        self._host = [device.host_empty(tuple(t.shape), t.dtype, "the step's output buffer")
+        # fresh pinned memory each step, not a page-guarded staging buffer: one allocation per
+        # step is all it costs (a staging buffer's registration would cost every step, guard
+        # or no guard); the deep mode checks an early read of it
+        self._host = [device.host_empty(tuple(t.shape), t.dtype, staging=False)
                       for t in result.tensors()]
         for dst, src in zip(self._host, result.tensors()):
             device.copy_async(dst, src, device.copy)

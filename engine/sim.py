@@ -322,7 +322,7 @@ class SimDevice(Device):
         self.copy.synchronize()
 
     def host_empty(self, shape: tuple[int, ...], dtype: torch.dtype,
-                   name: str = "a staging buffer") -> torch.Tensor:
+                   name: str = "a staging buffer", staging: bool = True) -> torch.Tensor:
         return torch.empty(shape, dtype=dtype)
 
     def free_memory(self) -> int | None:

@@ -223,6 +223,20 @@ def test_the_header_says_what_is_checked_on_this_machine(user_project):
         assert out.count("only simulated-device memory is checked") == 2, "header + one warning"
 
 
+def test_the_mode_is_chosen_and_shown_and_a_bad_one_is_a_usage_error(user_project):
+    import torch
+    out = user_project.runpytest_subprocess("-q", "-k", "whole_body",
+                                            "--sync-guard-mode=auto").stdout.str()
+    auto = "light" if torch.cuda.is_available() else "deep"   # light needs the native hook
+    assert f"nosync tests: 1, mode={auto}" in out
+    result = user_project.runpytest_subprocess("-q", "-k", "whole_body",
+                                               "--sync-guard-mode=light")
+    assert "nosync tests: 1, mode=light" in result.stdout.str()
+    bad = user_project.runpytest_subprocess("--sync-guard-mode=fast")
+    assert bad.ret == pytest.ExitCode.USAGE_ERROR
+    assert "invalid choice: 'fast'" in bad.stderr.str()
+
+
 def test_log_lists_the_syncs_found_in_the_terminal_summary(user_project):
     result = user_project.runpytest_subprocess("-q", "-k", "target and not never and not resolve",
                                                "--sync-guard=log")

@@ -48,7 +48,16 @@ def test_light_checks_a_staging_buffer_at_its_reuse(monkeypatch):
             generate("lazy")
 
 
-def test_torchs_check_is_routed_to_the_thread_that_synced_even_under_warning_capture():
+@pytest.fixture
+def python_checks(monkeypatch):
+    """The light mode's fallback where the native hook is not installed (CPU, or no CUPTI):
+    torch's own check, routed per thread. Where the hook is installed, it judges instead."""
+    from sync_guard import native
+    monkeypatch.setattr(native, "installed", lambda: False)
+
+
+def test_torchs_check_is_routed_to_the_thread_that_synced_even_under_warning_capture(
+        python_checks):
     # this test runs under pytest's own warning capture (catch_warnings(record=True))
     for _ in range(2):  # the same call site twice: each one is judged, not just the first
         with pytest.raises(sync_guard.SyncViolation, match="torch's sync check"):
@@ -70,7 +79,7 @@ def test_torchs_check_is_routed_to_the_thread_that_synced_even_under_warning_cap
             warnings.warn("an unrelated warning", UserWarning)
 
 
-def test_light_at_level_log_records_instead_of_raising():
+def test_light_at_level_log_records_instead_of_raising(python_checks):
     dev = SimDevice("lazy")
     with sync_guard.light("log") as reports:
         dev.compute.synchronize()

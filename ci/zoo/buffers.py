@@ -126,9 +126,9 @@ def _pending_with_one_destination(self, device, sched, result):
     pool = device.__dict__.setdefault("_zoo_d2h_pool", {})
     real_host_empty = device.host_empty
 
-    def pooled(shape, dtype, name="a staging buffer"):  # BUG: one destination per shape,
-        if (shape, dtype) not in pool:                      # whatever is in flight
-            pool[(shape, dtype)] = real_host_empty(shape, dtype, name)
+    def pooled(shape, dtype, name="a staging buffer", staging=True):  # BUG: one destination
+        if (shape, dtype) not in pool:                    # per shape, whatever is in flight
+            pool[(shape, dtype)] = real_host_empty(shape, dtype, name, staging)
         return pool[(shape, dtype)]
     device.host_empty = pooled
     try:
@@ -152,7 +152,8 @@ def _pending_without_wait(self, device, sched, result):
     self.sched = sched
     self._result = result
     # BUG: no ``device.wait(device.copy, done)``: the copy stream does not wait for compute
-    self._host = [device.host_empty(tuple(t.shape), t.dtype) for t in result.tensors()]
+    self._host = [device.host_empty(tuple(t.shape), t.dtype, staging=False)
+                  for t in result.tensors()]
     for dst, src in zip(self._host, result.tensors()):
         device.copy_async(dst, src, device.copy)
     self._copied = device.record(device.copy)
