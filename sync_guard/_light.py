@@ -3,6 +3,10 @@
 ``with sync_guard.light():`` (level ``disallow`` by default) judges syncs in the calling thread
 without the deep mode's per-op dispatch mode:
 
+* on CUDA with the native hook (:mod:`sync_guard.native`, installed by default), every blocking
+  CUDA call is judged at CUDA's API boundary, and staging buffers from
+  :func:`sync_guard.staging_empty` are page-guarded (:mod:`sync_guard.pages`): what follows is
+  the fallback where the hook is not installed;
 * implicit syncs (``.item()``, ``nonzero``, blocking copies, ...) on CUDA come from torch's own
   C++ check, ``torch.cuda.set_sync_debug_mode("warn")``. That setting is process-wide, so its
   warnings are *routed per thread*: :func:`_route`, installed as ``warnings._showwarnmsg`` (the
