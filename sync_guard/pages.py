@@ -180,17 +180,27 @@ def races_armed() -> bool:
     return getattr(_thread, "races", 0) > 0
 
 
+_scope_module: list = []   # sync_guard._scope, imported once (refresh runs at every scope change)
+
+
 def refresh() -> None:
     """Tell the native side what this thread's scopes are now: whether a sync is judged, whether
-    a copy protects its pages, and the outermost scope's serial (named in race reports)."""
+    a copy protects its pages, the outermost scope's serial (named in race reports), and whether
+    the innermost scope is a plain allow (recorded in C, no call into Python)."""
     lib = _state.get("lib")
     if lib is None:
         return
-    from . import _scope
-    frame = _scope._current.get()
-    allowing = frame is not None and frame.level == "allow" and not frame.first_only
-    state = (int(_scope.armed()), int(races_armed()), frame.serial if frame is not None else 0,
-             int(allowing))
+    if not _scope_module:
+        from . import _scope
+        _scope_module.append(_scope)
+    scope = _scope_module[0]
+    frame = scope._current.get()
+    if frame is None:
+        state = (int(scope.default_level() != "allow"), int(getattr(_thread, "races", 0) > 0),
+                 0, 0)
+    else:
+        state = (1, int(getattr(_thread, "races", 0) > 0), frame.serial,
+                 int(frame.level == "allow" and not frame.first_only))
     if getattr(_thread, "last", None) != state:
         _thread.last = state
         lib.sg_set_thread(*state)
