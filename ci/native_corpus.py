@@ -32,7 +32,8 @@ from typing import Callable
 
 import torch
 
-from .sync_corpus import Snippet, run_snippet, sleep_cycles, summarize, unguarded, _yn
+from .race_corpus import race_verdict
+from .sync_corpus import Snippet, _yn, run_snippet, sleep_cycles, summarize, unguarded
 
 N = 1 << 16
 CPP_SOURCE = r"""
@@ -274,16 +275,6 @@ def _race_body(sc: NativeRace, cycles: int):
     return body, observe
 
 
-def _raced(body, guard) -> tuple[bool, str | None]:
-    import sync_guard
-    try:
-        with guard():
-            body()
-        return False, None
-    except sync_guard.BufferRace as race:
-        return True, str(race).splitlines()[0]
-
-
 def run_race(sc: NativeRace, cycles: int) -> dict:
     import sync_guard
     row = {"name": sc.name, "racy": not sc.fenced, "corruption_observed": None, "light": None,
@@ -294,10 +285,10 @@ def run_race(sc: NativeRace, cycles: int) -> dict:
         torch.cuda.synchronize()
         row["corruption_observed"] = observe()
         body, _ = _race_body(sc, cycles)
-        row["light"], row["light_report"] = _raced(body, sync_guard.light)
+        row["light"], row["light_report"] = race_verdict(body, sync_guard.light)
         torch.cuda.synchronize()
         body, _ = _race_body(sc, cycles)
-        row["deep"], row["deep_report"] = _raced(body, sync_guard.race_check)
+        row["deep"], row["deep_report"] = race_verdict(body, sync_guard.race_check)
     except Exception as exc:  # noqa: BLE001 - a crash under the guard is a finding
         row["error"] = repr(exc)
     torch.cuda.synchronize()

@@ -192,7 +192,7 @@ def _light_allowing_fences():
         yield
 
 
-def _verdict(body, guard) -> tuple[bool, str | None]:
+def race_verdict(body, guard) -> tuple[bool, str | None]:
     """Whether ``body`` under ``guard()`` raised a BufferRace, and its first line."""
     import sync_guard
     try:
@@ -216,7 +216,7 @@ def run_scenario(sc: RaceScenario, cycles: int) -> dict:
         torch.cuda.synchronize()
         row["corruption_observed"] = observe()
         body, _ = setup(sc, cycles)
-        row["detected"], row["report"] = _verdict(body, sync_guard.race_check)
+        row["detected"], row["report"] = race_verdict(body, sync_guard.race_check)
         torch.cuda.synchronize()
         by_pages = paged()
         row["light_by"] = "page guard" if by_pages else "reuse point"
@@ -224,7 +224,7 @@ def run_scenario(sc: RaceScenario, cycles: int) -> dict:
             row["must_detect"] = True
         body, _ = setup(sc, cycles, None if by_pages else lambda event: sync_guard.buffer_reused(
             event, "the scenario's pinned buffer"))
-        row["light"], row["light_report"] = _verdict(body, _light_allowing_fences)
+        row["light"], row["light_report"] = race_verdict(body, _light_allowing_fences)
     except Exception as exc:  # noqa: BLE001 - a crash is a finding, not an abort
         row["error"] = repr(exc)
     torch.cuda.synchronize()
