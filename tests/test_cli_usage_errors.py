@@ -234,3 +234,22 @@ def test_soak_still_reports_a_real_leak(capsys, monkeypatch):
 def test_guard_bench_refuses_fewer_than_one_repeat(capsys, no_work):
     assert main(["guard-bench", "--device", "cpu", "--shape", "tiny", "--repeats", "0"]) == 2
     assert usage_line(capsys, "err") == "lockstep guard-bench: --repeats=0: at least 1"
+
+
+@pytest.mark.parametrize("args, says", [
+    (["--batch", "0"], "--batch=0 --repeats=9: each must be at least 1"),
+    (["--repeats", "0"], "--batch=1 --repeats=0: each must be at least 1"),
+    (["--out", "/no/such/folder/x.json"], "--out='/no/such/folder/x.json': its folder does not"),
+])
+def test_guard_cost_refuses_bad_options_before_any_work(capsys, args, says):
+    from lockstep.ci.guard_cost import main as guard_cost
+    assert guard_cost(args) == 2
+    assert says in capsys.readouterr().err
+
+
+@no_cuda
+@pytest.mark.parametrize("module", ["guard_cost", "native_corpus"])
+def test_the_native_tools_without_cuda_exit_2_saying_so(capsys, module):
+    import importlib
+    assert importlib.import_module(f"lockstep.ci.{module}").main([]) == 2
+    assert "CUDA device" in capsys.readouterr().err
