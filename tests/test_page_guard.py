@@ -250,3 +250,17 @@ def test_sampled_protection_protects_one_copy_in_n_and_models_them_all(cuda, buf
         assert sorted(protected) == [0, 0, 1, 1]
     finally:
         pages.set_protect_every(previous)
+
+
+def test_the_event_table_grows_past_its_first_size_without_losing_a_record(cuda, buf):
+    live = [0x900000 + 16 * i for i in range(10000)]   # more live events than the first table
+    with sync_guard.light(), sync_guard.allow("the fence"):
+        copy_from(cuda, buf)
+        for event in live:
+            cuda.call("cudaEventRecord", event, STREAM)
+        for event in live[::2]:
+            cuda.call("cudaEventDestroy", event)
+        assert pages.counts() == (1, 1)
+        cuda.call("cudaEventSynchronize", live[-1])    # recorded after the copy, still known
+        assert pages.counts() == (0, 0)
+    assert ctypes.c_uint64.in_dll(pages.library(), "dropped").value == 0
