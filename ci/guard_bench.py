@@ -27,6 +27,7 @@ from pathlib import Path
 import torch
 
 import sync_guard
+from sync_guard import pages
 from lockstep.engine import LLM
 from lockstep.engine.core import EngineCore
 
@@ -65,7 +66,6 @@ def guarded_steps(mode: str):
     every = None
     if mode in ("light", "light_pages16"):
         if mode == "light_pages16" and torch.cuda.is_available():
-            from sync_guard import pages
             every = pages.set_protect_every(16)
 
         def step(engine):
@@ -88,20 +88,24 @@ def guarded_steps(mode: str):
         if mode == "deep":
             races.__exit__(None, None, None)
         if every is not None:
-            from sync_guard import pages
             pages.set_protect_every(every)
 
 
 def run_guard_bench(device: str = "cuda", batch_sizes: tuple[int, ...] = (1, 8),
                     shape: str = "llama-3.2-1b", short: int = 32, long: int = 160,
                     repeats: int = 5, out: str | None = None) -> dict:
-    logger = logging.getLogger("sync_guard")
-    logger.addHandler(_reports)
-    logger.propagate = False
     config = LLAMA_3_2_1B if shape == "llama-3.2-1b" else TINY
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
-    with random_checkpoint(config, device, dtype, "lockstep-guard-bench-") as workdir:
-        return _run(workdir, device, dtype, batch_sizes, shape, short, long, repeats, out)
+    logger = logging.getLogger("sync_guard")
+    logger.addHandler(_reports)   # counted into the results, not shown, for this run only
+    propagate, logger.propagate = logger.propagate, False
+    _reports.seen.clear()
+    try:
+        with random_checkpoint(config, device, dtype, "lockstep-guard-bench-") as workdir:
+            return _run(workdir, device, dtype, batch_sizes, shape, short, long, repeats, out)
+    finally:
+        logger.removeHandler(_reports)
+        logger.propagate = propagate
 
 
 def _run(workdir: Path, device: str, dtype: torch.dtype, batch_sizes: tuple[int, ...],

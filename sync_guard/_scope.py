@@ -210,8 +210,7 @@ class Scope(ContextDecorator):
         frame = _Frame(self.level, parent, self.records, self.reason, self.first_only,
                        serial=parent.serial if parent is not None else next(_serials))
         self._tokens.append(_current.set(frame))
-        if pages.loaded():
-            pages.refresh()
+        pages.refresh()
         if self.level != "allow" and self.deep:  # an allowance needs no mode of its own
             from .detector import arm_thread
             arm_thread()
@@ -224,11 +223,9 @@ class Scope(ContextDecorator):
         token = self._tokens.pop()
         if token is not None:
             frame = _current.get()
-            if self.level == "allow" and pages.loaded():
-                from .native import record_allowed
-                record_allowed(frame)
+            if self.level == "allow":
+                pages.record_allowed(frame)
             _current.reset(token)
-            if pages.loaded():
-                pages.refresh()
+            pages.refresh()
             if frame is not None and frame.deferred and exc[0] is None:
                 raise SyncViolation(frame.deferred[0])

@@ -154,7 +154,7 @@ def _explicit(name: str, original, one_native_call: bool = False):
     (where it is installed), so the wrapper leaves it alone: judged once, at the cheaper place."""
     @functools.wraps(original)
     def wrapper(*args, **kwargs):
-        if one_native_call and native._hook is not None:
+        if one_native_call and native.installed():
             return original(*args, **kwargs)
         if _scope.armed() and not hooks.in_device_work():
             _scope.check_sync(name)

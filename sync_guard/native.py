@@ -94,8 +94,6 @@ MODEL = {
 }
 
 _JUDGE = ctypes.CFUNCTYPE(None, ctypes.c_int, ctypes.c_int)
-sync_names: list[str] = []   # the C side's sync-name indices, as the installed table has them
-_quiet: ContextVar[bool] = ContextVar("sync_guard_native_quiet", default=False)
 _judged: ContextVar[bool] = ContextVar("sync_guard_native_judged", default=False)
 
 
@@ -171,9 +169,8 @@ class _Hook:
                 "it (SYNC_GUARD_NATIVE=0).")
         if result != 0:
             raise NativeHookUnavailable(f"cuptiSubscribe failed with CUPTI error {result}")
-        rows, self.sync_names = callback_table(
+        rows, pages.sync_names[:] = callback_table(
             {domain: list(self._callback_names(domain)) for domain in (RUNTIME, DRIVER)})
-        sync_names[:] = self.sync_names
         self.native.sg_set_judge(ctypes.cast(self.judge, ctypes.c_void_p))
         self.enabled = 0
         for domain, cbid, kind, sync, offset in rows:
@@ -193,10 +190,11 @@ class _Hook:
         self.native.sg_set_judge(None)
 
     def _on_sync(self, index: int, _domain: int) -> None:
-        """A blocking call in a thread with an open scope (the C callback filtered the rest)."""
+        """A blocking call in a thread with an open scope, not quiet, not under a plain allow
+        (the C callback filtered the rest)."""
         try:
-            if not _quiet.get() and _scope.armed():
-                _scope.check_sync(f"{self.sync_names[index]} (native)", deferred=True)
+            if _scope.armed():
+                _scope.check_sync(f"{pages.sync_names[index]} (native)", deferred=True)
         except Exception:   # never into the C code that called: a guard bug must not crash it
             _scope.note_internal_error()
 
@@ -298,30 +296,17 @@ def uninstall() -> None:
 
 @contextmanager
 def quiet() -> Iterator[None]:
-    """A sync that a Python-level check already judged: the native hook does not judge it again."""
-    token = _quiet.set(True)
+    """A sync that a Python-level check already judged: the native hook does not judge it again
+    (a per-thread counter in C; nothing to do before the native library is loaded)."""
     lib = pages._state.get("lib")
-    if lib is not None:
-        lib.sg_quiet(1)
+    if lib is None:
+        yield
+        return
+    lib.sg_quiet(1)
     try:
         yield
     finally:
-        if lib is not None:
-            lib.sg_quiet(-1)
-        _quiet.reset(token)
-
-
-def record_allowed(frame) -> None:
-    """At a plain allow scope's exit: the blocking calls the C side recorded there without calling
-    Python, as allowed reports (the frames are the scope's exit: where the allowance ends)."""
-    if frame is None or not sync_names:
-        return
-    names = pages.take_allowed(sync_names)
-    if names:
-        thread, frames = _scope.thread_name(), _scope.user_frames()
-        for name in names:
-            _scope._record(frame, _scope.SyncReport(f"{name} (native)", thread, frames,
-                                                    allowed_by=frame.reason))
+        lib.sg_quiet(-1)
 
 
 def mark_judged() -> None:

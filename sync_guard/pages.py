@@ -29,7 +29,8 @@ import tempfile
 import threading
 import traceback
 import weakref
-from typing import Any
+from contextlib import contextmanager
+from typing import Any, Iterator
 
 logger = logging.getLogger("sync_guard")
 
@@ -181,6 +182,15 @@ def races_armed() -> bool:
 
 
 _scope_module: list = []   # sync_guard._scope, imported once (refresh runs at every scope change)
+sync_names: list[str] = []  # the C side's sync-name table (its indices), set by the native hook
+
+
+def _scope_mod():
+    """sync_guard._scope (which imports this module), without the import machinery per call."""
+    if not _scope_module:
+        from . import _scope
+        _scope_module.append(_scope)
+    return _scope_module[0]
 
 
 def refresh() -> None:
@@ -190,16 +200,12 @@ def refresh() -> None:
     lib = _state.get("lib")
     if lib is None:
         return
-    if not _scope_module:
-        from . import _scope
-        _scope_module.append(_scope)
-    scope = _scope_module[0]
+    scope = _scope_mod()
     frame = scope._current.get()
     if frame is None:
-        state = (int(scope.default_level() != "allow"), int(getattr(_thread, "races", 0) > 0),
-                 0, 0)
+        state = (int(scope.default_level() != "allow"), int(races_armed()), 0, 0)
     else:
-        state = (1, int(getattr(_thread, "races", 0) > 0), frame.serial,
+        state = (1, int(races_armed()), frame.serial,
                  int(frame.level == "allow" and not frame.first_only))
     if getattr(_thread, "last", None) != state:
         _thread.last = state
@@ -209,27 +215,36 @@ def refresh() -> None:
 _allowed = (ctypes.c_int * 32)()
 
 
-def take_allowed(sync_names: list[str]) -> list[str]:
-    """The blocking calls the native side recorded under this thread's plain allow scope."""
+def record_allowed(frame) -> None:
+    """At a plain allow scope's exit: the blocking calls the C side recorded there without
+    calling Python, as allowed reports (the frames are the scope's exit: where the allowance
+    ends). When more than the ring holds were recorded, the last name stands for the rest."""
     lib = _state.get("lib")
-    if lib is None:
-        return []
+    if lib is None or frame is None or not sync_names:
+        return
     n = lib.sg_take_allowed(_allowed, len(_allowed))
+    if not n:
+        return
     names = [sync_names[i] for i in _allowed[:min(n, len(_allowed))]]
-    return names + [names[-1]] * (n - len(names)) if names else names
+    names += [names[-1]] * (n - len(names))
+    scope = _scope_mod()
+    thread, frames = scope.thread_name(), scope.user_frames()
+    for name in names:
+        scope._record(frame, scope.SyncReport(f"{name} (native)", thread, frames,
+                                              allowed_by=frame.reason))
 
 
 _TRACE_LINE = re.compile(r'File "(.*)", line (\d+) in (.*)')
 
 
 def _frames(record: FaultRecord) -> list[traceback.FrameSummary]:
-    from . import _scope
+    is_user_file = _scope_mod().is_user_file
     if record.dump_offset < 0:
         return []
     text = os.pread(_state["dump"].fileno(), record.dump_length, record.dump_offset).decode(
         "utf-8", "replace")
     frames = [traceback.FrameSummary(m[1], int(m[2]), m[3].strip(), lookup_line=False)
-              for m in _TRACE_LINE.finditer(text) if _scope.is_user_file(m[1])]
+              for m in _TRACE_LINE.finditer(text) if is_user_file(m[1])]
     frames.reverse()   # the dump is most recent call first
     return frames
 
@@ -262,12 +277,6 @@ def take_races() -> list:
         if n < 32:
             break
     _state["fault_seen"] = written
-    dropped = _state["dropped"].value
-    if dropped and not _state.get("dropped_warned"):
-        _state["dropped_warned"] = True
-        logger.warning("sync_guard: the native model's tables were full %d times (copies on "
-                       "more than 32 streams, or over 4M live events): races on what it could "
-                       "not track may be missed", dropped)
     if _lost.value:
         logger.warning("sync_guard: %d page faults were not recorded (the record buffer was "
                        "full)", _lost.value)
@@ -290,7 +299,7 @@ def _race(record: FaultRecord):
                "while a copy was pending")
     message = (f"host {access} {name} (byte {record.addr - start}) by thread "
                f"{_thread_name(record.tid)!r} {pending} (seen by the page guard)")
-    return BufferRace.native(message, _frames(record))
+    return BufferRace.from_access(message, _frames(record))
 
 
 def raise_races(level: str, exc_type: Any) -> list:
@@ -299,6 +308,7 @@ def raise_races(level: str, exc_type: Any) -> list:
     (then, at the outermost race-checking scope, every guarded page is opened again)."""
     if exc_type is not None and not races_armed():
         release_all()
+    _warn_if_dropped()
     races = take_races()
     if not races:
         return races
@@ -315,6 +325,30 @@ def _at_exit() -> None:
     release_all()
     _state["lib"].sg_configure(None, None, -1)   # no more traceback dumps into the file
     _state["dump"].close()
+
+
+def _warn_if_dropped() -> None:
+    dropped = _state["dropped"].value if "dropped" in _state else 0
+    if dropped and not _state.get("dropped_warned"):
+        _state["dropped_warned"] = True
+        logger.warning("sync_guard: the native model's tables were full %d times (copies on "
+                       "more than 32 streams, or over 4M live events): races on what it could "
+                       "not track may be missed", dropped)
+
+
+@contextmanager
+def checking_races(level: str) -> Iterator[list]:
+    """The page guard alone, as a scope: copies enqueued inside protect their pages, and the
+    races are raised (or logged) at its exit."""
+    arm_races(+1)
+    try:
+        yield []
+    except BaseException as exc:
+        arm_races(-1)
+        raise_races(level, type(exc))
+        raise
+    arm_races(-1)
+    raise_races(level, None)
 
 
 def release_all() -> None:

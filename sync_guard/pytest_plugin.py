@@ -161,32 +161,17 @@ def resolved_mode(options: GuardOptions) -> str:
 
 
 @contextmanager
-def _page_races(level: str) -> Iterator[list]:
-    """The page guard alone, for the whole test (the light mode's race check)."""
-    from sync_guard import pages
-    pages.arm_races(+1)
-    try:
-        yield []
-    except BaseException as exc:
-        pages.arm_races(-1)
-        pages.raise_races(level, type(exc))
-        raise
-    pages.arm_races(-1)
-    pages.raise_races(level, None)
-
-
-@contextmanager
 def armed(options: GuardOptions, sync_level: bool = True) -> Iterator[tuple[list, list]]:
     """The race checker at the configured level, and (``sync_level``) the sync detector."""
     if options.level == "allow":
         yield [], []
         return
     import sync_guard
-    if resolved_mode(options) == "light":
-        with ExitStack() as stack:
-            races = stack.enter_context(_page_races(options.level))
-            syncs = stack.enter_context(sync_guard.light(options.level)) if sync_level else []
-            yield syncs, races
+    if resolved_mode(options) == "light":   # light() checks races through the page guard
+        from sync_guard import pages
+        with (sync_guard.light(options.level) if sync_level
+              else pages.checking_races(options.level)) as syncs:
+            yield (syncs if sync_level else []), []
         return
     with ExitStack() as stack:
         races = stack.enter_context(sync_guard.race_check(widen_ms=options.widen_ms or None,

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from . import _mode, _scope, hooks, pages
+from . import _mode, _scope, hooks, native, pages
 
 __all__ = ["race_check", "BufferRace", "copy_enqueued", "event_recorded", "stream_waited",
            "host_waited"]
@@ -96,15 +96,12 @@ class BufferRace(_scope.GuardError):
     @classmethod
     def at_reuse(cls, what: str) -> "BufferRace":
         """A race found where a buffer is reused (the always-on mode: no copy site known)."""
-        race = cls.__new__(cls)
-        race.copy_site, race.access_site = [], _scope.user_frames()
-        _scope.GuardError.__init__(race, f"{what}, in thread {_scope.thread_name()!r}\n"
-                                         f"  at:\n{_format(race.access_site)}")
-        return race
+        return cls.from_access(f"{what}, in thread {_scope.thread_name()!r}",
+                               _scope.user_frames())
 
     @classmethod
-    def native(cls, message: str, access_site: list) -> "BufferRace":
-        """A race the page guard saw (the access's frames come from the fault)."""
+    def from_access(cls, message: str, access_site: list) -> "BufferRace":
+        """A race known by its access alone (a reuse point, or the page guard's fault)."""
         race = cls.__new__(cls)
         race.copy_site, race.access_site = [], access_site
         _scope.GuardError.__init__(race, f"{message}\n  at:\n{_format(access_site)}")
@@ -426,7 +423,6 @@ class race_check:
 
     def __enter__(self) -> list["BufferRace"]:
         _install_patches()
-        from . import native
         native.install_if_requested()   # on CUDA: the page guard watches staging buffers too
         if self.widen_ms and torch.cuda.is_available():
             _calibrate()  # before arming: the calibration's own sync is not judged

@@ -42,9 +42,8 @@ class FakeCupti:
             self.lib.sg_set_callback(*row)
         self.domain = names
         self.hook = object.__new__(native._Hook)
-        self.hook.sync_names = sync_names
-        self.previous_names = list(native.sync_names)
-        native.sync_names[:] = sync_names
+        self.previous_names = list(pages.sync_names)
+        pages.sync_names[:] = sync_names
         self.judge = native._JUDGE(self.hook._on_sync)
         self.lib.sg_set_judge(ctypes.cast(self.judge, ctypes.c_void_p))
         self.keep: list = []
@@ -52,7 +51,7 @@ class FakeCupti:
     def close(self) -> None:
         for name, cbid in self.cbid.items():
             self.lib.sg_set_callback(self.domain[name], cbid, native.K_NONE, -1, -1)
-        native.sync_names[:] = self.previous_names
+        pages.sync_names[:] = self.previous_names
         real = native._hook   # a real hook installed in this process gets its judge back
         self.lib.sg_set_judge(ctypes.cast(real.judge, ctypes.c_void_p) if real else None)
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import sync_guard
-from sync_guard import _scope, native
+from sync_guard import _scope, native, pages
 
 from cupti_calls import FakeCupti
 
@@ -106,7 +106,7 @@ def test_a_thread_without_a_scope_is_not_judged_and_costs_no_python_call(cupti, 
 
 def test_a_broken_judge_is_logged_and_never_raises_into_native_code(cupti, caplog, monkeypatch):
     monkeypatch.setattr(_scope, "_internal_errors", [0])   # it logs the first one only
-    cupti.hook.sync_names = []                             # the name lookup fails
+    pages.sync_names[:] = []                               # the name lookup fails
     with caplog.at_level(logging.ERROR, logger="sync_guard"), sync_guard.disallow():
         cupti.call("cudaDeviceSynchronize")
     assert "a native callback failed" in caplog.text
