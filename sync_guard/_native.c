@@ -634,24 +634,3 @@ void sg_counts(int *pending_copies, int *protected_ranges, uint64_t *lost) {
 }
 
 size_t sg_fault_record_size(void) { return sizeof(fault_t); }
-
-uint64_t sg_dropped(void) { return atomic_load(&dropped); }
-
-/* Diagnostics: each pending copy as (serial, stream handle, seq, the host's clock for that
- * stream, to_host); returns how many were written. */
-int sg_debug_pending(uint64_t *out, int capacity) {
-  pthread_mutex_lock(&lock);
-  int n = 0;
-  for (int i = 0; i < pending_high && n < capacity; i++) {
-    pending_t *p = &pending[i];
-    if (p->range < 0) continue;
-    uint64_t *row = out + 5 * n++;
-    row[0] = p->serial;
-    row[1] = stream_handle[p->stream];
-    row[2] = p->seq;
-    row[3] = host_clock[p->stream];
-    row[4] = p->to_host;
-  }
-  pthread_mutex_unlock(&lock);
-  return n;
-}

@@ -96,7 +96,6 @@ def load() -> ctypes.CDLL:
                                       c.POINTER(c.c_uint64)]
             lib.sg_counts.restype = None
             lib.sg_fault_record_size.restype = c.c_size_t
-            lib.sg_dropped.restype = c.c_uint64
             lib.sg_callback.argtypes = [c.c_void_p, c.c_int, c.c_uint32, c.c_void_p]
             lib.sg_callback.restype = None
             _library.append(lib)
