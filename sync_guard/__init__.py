@@ -47,26 +47,30 @@ from .levels import LEVELS  # noqa: E402
 
 def __getattr__(name: str) -> Any:
     if name in _LAZY:
-        return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+        value = getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+        globals()[name] = value   # found once: later reads are plain module attributes
+        return value
     raise AttributeError(f"module 'sync_guard' has no attribute {name!r}")
+
+
+def _scope_class() -> type:
+    scope = globals().get("Scope")
+    return scope if scope is not None else __getattr__("Scope")
 
 
 def disallow() -> Scope:
     """Any host sync inside raises :class:`SyncViolation`."""
-    from ._scope import Scope
-    return Scope("disallow")
+    return _scope_class()("disallow")
 
 
 def log() -> Scope:
     """Host syncs inside are logged (logger ``sync_guard``) and recorded, not raised."""
-    from ._scope import Scope
-    return Scope("log")
+    return _scope_class()("log")
 
 
 def allow(reason: str, first_only: bool = False) -> Scope:
     """Syncs inside are expected (``reason`` says why); with ``first_only``, only the first is."""
-    from ._scope import Scope
-    return Scope("allow", reason, first_only)
+    return _scope_class()("allow", reason, first_only)
 
 
 def as_device(tensor: Any) -> Any:

@@ -76,23 +76,27 @@ static dump_fn dump_traceback;
 static tstate_fn this_thread_state;
 static int dump_fd = -1;
 
-/* per thread, set by Python at each scope change */
-static __thread int armed;        /* a sync here is judged */
-static __thread int races_armed;  /* copies from here protect their pages */
-static __thread uint64_t scope_serial;
-static __thread int runtime_depth;
-/* The innermost scope is a plain allow: a blocking call is recorded here, without a call into
- * Python (which must take the GIL torch released around the wait), and Python collects the
- * names when that scope exits (sg_take_allowed). */
+/* Per thread: the scope state Python writes in place at each scope change (no call: it holds
+ * the block's address, sg_thread_state), and the blocking calls recorded under a plain allow.
+ * When the innermost scope is a plain allow, a blocking call is recorded here without a call
+ * into Python (which must take the GIL torch released around the wait); Python reads the names
+ * when that scope exits. Layout shared with pages.ThreadState. */
 #define ALLOWED_RING 32
-static __thread int allow_fast;
-static __thread int allowed_names[ALLOWED_RING];
-static __thread int allowed_count;
-static __thread int quiet; /* a Python-level check judged this call already */
-/* Page protection is applied to one guarded copy in `protect_every` per thread (1: all;
- * 0: none); every copy is modelled either way. */
+typedef struct {
+  int32_t armed;       /* a sync here is judged */
+  int32_t races_armed; /* copies from here protect their pages (a depth: nonzero is armed) */
+  int32_t allow_fast;  /* the innermost scope is a plain allow */
+  int32_t quiet;       /* a Python-level check judged this call already */
+  uint64_t scope_serial;
+  int32_t allowed_count;
+  int32_t allowed_names[ALLOWED_RING];
+} thread_state_t;
+static __thread thread_state_t ts;
+static __thread int runtime_depth;
+/* Page protection is applied to one guarded copy in `protect_every` of each range (1: all;
+ * 0: none); every copy is modelled either way. Counted per range: a thread's step that copies
+ * from two buffers must not protect the same one every time. */
 int protect_every = 1;
-static __thread unsigned protect_tick;
 
 /* ---- guarded ranges, pending copies, the happens-before model (under `lock`) ---- */
 typedef struct {
@@ -100,6 +104,7 @@ typedef struct {
   _Atomic uintptr_t end;
   _Atomic int protected_; /* some page is protected now */
   int pending;
+  unsigned copies; /* guarded copies so far (the page-protection sample) */
 } range_t;
 
 typedef struct {
@@ -322,9 +327,9 @@ static void copy_enqueued(uintptr_t dst, uintptr_t src, size_t count, uintptr_t 
   p->lo = host & mask;
   p->hi = hi < end ? hi : end;
   p->serial = ++copy_serial;
-  p->scope = scope_serial;
+  p->scope = ts.scope_serial;
   p->tid = (pid_t)syscall(SYS_gettid);
-  p->protect = protect_every > 0 && protect_tick++ % (unsigned)protect_every == 0;
+  p->protect = protect_every > 0 && ranges[r].copies++ % (unsigned)protect_every == 0;
   ranges[r].pending++;
   if (p->protect) apply_protection(r);
 }
@@ -342,11 +347,11 @@ static void model(int kind, int domain, const callback_data *d) {
   int s;
   switch (kind) {
   case K_COPY_RT: /* cudaMemcpyAsync(dst, src, count, kind, stream) */
-    if (succeeded(d) && races_armed)
+    if (succeeded(d) && ts.races_armed)
       copy_enqueued(param(d, 0), param(d, 8), param(d, 16), param(d, 32));
     break;
   case K_COPY_DRV: /* cuMemcpy{,HtoD,DtoH}Async(dst, src, count, stream) */
-    if (succeeded(d) && races_armed)
+    if (succeeded(d) && ts.races_armed)
       copy_enqueued(param(d, 0), param(d, 8), param(d, 16), param(d, 24));
     break;
   case K_EVENT_RECORD: /* (event, stream) */
@@ -408,13 +413,13 @@ void sg_callback(void *userdata, int domain, uint32_t cbid, const callback_data 
     return; /* made by a runtime call we see: judged and modelled there */
   }
   if (d->site == API_ENTER) {
-    if (entry.sync_name >= 0 && armed && !quiet) {
+    if (entry.sync_name >= 0 && ts.armed && !ts.quiet) {
       if (entry.kind_offset >= 0 && d->params &&
           *(const int *)((const char *)d->params + entry.kind_offset) == DEVICE_TO_DEVICE)
         return;
-      if (allow_fast) {
-        if (allowed_count < ALLOWED_RING) allowed_names[allowed_count] = entry.sync_name;
-        allowed_count++;
+      if (ts.allow_fast) {
+        if (ts.allowed_count < ALLOWED_RING) ts.allowed_names[ts.allowed_count] = entry.sync_name;
+        ts.allowed_count++;
       } else if (judge) {
         sg_judged++;
         judge(entry.sync_name, domain);
@@ -516,23 +521,10 @@ int sg_set_callback(int domain, int cbid, int kind, int sync_name, int kind_offs
   return 0;
 }
 
-void sg_set_thread(int sync_armed, int race_armed, uint64_t serial, int allowing) {
-  armed = sync_armed;
-  races_armed = race_armed;
-  scope_serial = serial;
-  allow_fast = allowing;
-}
+/* This thread's state block (thread_state_t); valid for the thread's lifetime. */
+void *sg_thread_state(void) { return &ts; }
 
-void sg_quiet(int delta) { quiet += delta; }
-
-/* The names of the blocking calls recorded under a plain allow since the last call; returns
- * how many there were (more than `capacity` when the ring overflowed). */
-int sg_take_allowed(int *out, int capacity) {
-  int n = allowed_count;
-  for (int i = 0; i < n && i < capacity && i < ALLOWED_RING; i++) out[i] = allowed_names[i];
-  allowed_count = 0;
-  return n;
-}
+size_t sg_thread_state_size(void) { return sizeof ts; }
 
 /* Ours must be the first handler a fault reaches: installed again if someone replaced it
  * (faulthandler, for one), keeping theirs as the one faults outside our ranges go to. */
@@ -561,6 +553,7 @@ int sg_add_range(uintptr_t start, uintptr_t end) {
     if (!atomic_load(&ranges[i].start)) slot = i;
   if (slot >= 0) {
     ranges[slot].pending = 0;
+    ranges[slot].copies = 0;
     atomic_store(&ranges[slot].protected_, 0);
     atomic_store(&ranges[slot].end, end);
     atomic_store(&ranges[slot].start, start);

@@ -82,11 +82,8 @@ def load() -> ctypes.CDLL:
             lib.sg_set_judge.argtypes = [c.c_void_p]
             lib.sg_set_judge.restype = None
             lib.sg_set_callback.argtypes = [c.c_int] * 5
-            lib.sg_set_thread.argtypes = [c.c_int, c.c_int, c.c_uint64, c.c_int]
-            lib.sg_quiet.argtypes = [c.c_int]
-            lib.sg_quiet.restype = None
-            lib.sg_take_allowed.argtypes = [c.c_void_p, c.c_int]
-            lib.sg_set_thread.restype = None
+            lib.sg_thread_state.restype = c.c_void_p
+            lib.sg_thread_state_size.restype = c.c_size_t
             lib.sg_add_range.argtypes = [c.c_size_t, c.c_size_t]
             lib.sg_remove_range.argtypes = [c.c_int]
             lib.sg_remove_range.restype = None

@@ -298,15 +298,15 @@ def uninstall() -> None:
 def quiet() -> Iterator[None]:
     """A sync that a Python-level check already judged: the native hook does not judge it again
     (a per-thread counter in C; nothing to do before the native library is loaded)."""
-    lib = pages._state.get("lib")
-    if lib is None:
+    state = pages.thread_state()
+    if state is None:
         yield
         return
-    lib.sg_quiet(1)
+    state.quiet += 1
     try:
         yield
     finally:
-        lib.sg_quiet(-1)
+        state.quiet -= 1
 
 
 def mark_judged() -> None:

@@ -49,7 +49,7 @@ PAGES_ENV = "SYNC_GUARD_PAGES"   # 1 (default): every guarded copy protects; N: 
 _lock = threading.Lock()
 _state: dict[str, Any] = {}       # "lib", "dump" (the traceback file), "error"
 _ranges: dict[int, tuple[str, int, int]] = {}   # slot -> (name, start, end)
-_thread = threading.local()       # .last: the (sync, races, serial) pushed to C; .races: depth
+_thread = threading.local()       # .state: the C side's ThreadState; .races: depth
 _names: dict[int, tuple[str, int, int]] = {}    # slot -> its last buffer (named after a free)
 _reported: set[int] = set()       # copy serials already reported (one report per pending copy)
 _lost = ctypes.c_uint64(0)
@@ -171,14 +171,37 @@ def guarded(tensor: Any) -> bool:
     return any(start <= ptr < end for _, start, end in _ranges.values())
 
 
+class ThreadState(ctypes.Structure):
+    """The C side's per-thread scope state (thread_state_t in _native.c), written in place."""
+
+    _fields_ = [("armed", ctypes.c_int32), ("races_armed", ctypes.c_int32),
+                ("allow_fast", ctypes.c_int32), ("quiet", ctypes.c_int32),
+                ("scope_serial", ctypes.c_uint64), ("allowed_count", ctypes.c_int32),
+                ("allowed_names", ctypes.c_int32 * 32)]
+
+
+def thread_state() -> ThreadState | None:
+    """This thread's C state block (None before the library is loaded). Its address is asked
+    for once per thread; after that a scope change is a few field writes, not a call."""
+    state = _thread.__dict__.get("state")
+    if state is None and "lib" in _state:
+        lib = _state["lib"]
+        if lib.sg_thread_state_size() != ctypes.sizeof(ThreadState):
+            raise RuntimeError("sync_guard: _native.c and pages.ThreadState disagree")
+        state = _thread.state = ThreadState.from_address(lib.sg_thread_state())
+    return state
+
+
 def arm_races(delta: int) -> None:
     """A race-checking scope (``light`` or ``race_check``) opened (+1) or closed (-1) here."""
-    _thread.races = getattr(_thread, "races", 0) + delta
-    refresh()
+    races = _thread.races = _thread.__dict__.get("races", 0) + delta
+    state = thread_state()
+    if state is not None:
+        state.races_armed = races
 
 
 def races_armed() -> bool:
-    return getattr(_thread, "races", 0) > 0
+    return _thread.__dict__.get("races", 0) > 0
 
 
 _scope_module: list = []   # sync_guard._scope, imported once (refresh runs at every scope change)
@@ -197,35 +220,34 @@ def refresh() -> None:
     """Tell the native side what this thread's scopes are now: whether a sync is judged, whether
     a copy protects its pages, the outermost scope's serial (named in race reports), and whether
     the innermost scope is a plain allow (recorded in C, no call into Python)."""
-    lib = _state.get("lib")
-    if lib is None:
+    state = thread_state()
+    if state is None:
         return
     scope = _scope_mod()
     frame = scope._current.get()
+    state.races_armed = _thread.__dict__.get("races", 0)
     if frame is None:
-        state = (int(scope.default_level() != "allow"), int(races_armed()), 0, 0)
+        state.armed = scope.default_level() != "allow"
+        state.scope_serial = state.allow_fast = 0
     else:
-        state = (1, int(races_armed()), frame.serial,
-                 int(frame.level == "allow" and not frame.first_only))
-    if getattr(_thread, "last", None) != state:
-        _thread.last = state
-        lib.sg_set_thread(*state)
-
-
-_allowed = (ctypes.c_int * 32)()
+        state.armed = 1
+        state.scope_serial = frame.serial
+        state.allow_fast = frame.level == "allow" and not frame.first_only
 
 
 def record_allowed(frame) -> None:
     """At a plain allow scope's exit: the blocking calls the C side recorded there without
     calling Python, as allowed reports (the frames are the scope's exit: where the allowance
     ends). When more than the ring holds were recorded, the last name stands for the rest."""
-    lib = _state.get("lib")
-    if lib is None or frame is None or not sync_names:
+    state = _thread.__dict__.get("state")
+    if state is None or frame is None or not state.allowed_count:
         return
-    n = lib.sg_take_allowed(_allowed, len(_allowed))
-    if not n:
+    n = state.allowed_count
+    state.allowed_count = 0
+    if not sync_names:
         return
-    names = [sync_names[i] for i in _allowed[:min(n, len(_allowed))]]
+    ring = len(state.allowed_names)
+    names = [sync_names[i] for i in state.allowed_names[:min(n, ring)]]
     names += [names[-1]] * (n - len(names))
     scope = _scope_mod()
     thread, frames = scope.thread_name(), scope.user_frames()

@@ -252,6 +252,25 @@ def test_sampled_protection_protects_one_copy_in_n_and_models_them_all(cuda, buf
         pages.set_protect_every(previous)
 
 
+def test_sampling_counts_per_buffer_so_two_buffers_copied_each_step_are_both_protected(cuda,
+                                                                                     buf):
+    other = sync_guard.staging_empty((4096,), torch.float32, name="the second buffer",
+                                     pin_memory=False).zero_()
+    previous = pages.set_protect_every(2)
+    try:
+        protected = {"first": 0, "second": 0}
+        with sync_guard.light(), sync_guard.allow("the fence"):
+            for _ in range(4):   # a step copies from both: one sampling tick per thread would
+                for name, tensor in (("first", buf), ("second", other)):   # pick one always
+                    before = pages.counts()[1]
+                    copy_from(cuda, tensor)
+                    protected[name] += pages.counts()[1] - before
+                cuda.call("cudaDeviceSynchronize")
+        assert protected == {"first": 2, "second": 2}
+    finally:
+        pages.set_protect_every(previous)
+
+
 def test_the_event_table_grows_past_its_first_size_without_losing_a_record(cuda, buf):
     live = [0x900000 + 16 * i for i in range(10000)]   # more live events than the first table
     with sync_guard.light(), sync_guard.allow("the fence"):
