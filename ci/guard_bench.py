@@ -12,7 +12,9 @@ The same engine and workload run with ``EngineCore.step`` plain and under each m
 
 Per engine mode and batch size: decode TPOT (from the difference of two generation lengths),
 the median of ``repeats`` runs alternating the modes within one process, its spread (max - min
-over the median), and the overhead over plain measured in the same phase. The JSON and the
+over the median), and the overhead over plain measured in the same phase: the median of the
+per-round ratios (each guarded run over the plain run of its own round, so drift of the host
+between rounds cancels), with the quartiles of those ratios. The JSON and the
 report record the host (:mod:`lockstep.ci.host`: CPU model, cores, a calibration figure) and the
 versions, since a guard's cost is host time and differs from host to host.
 """
@@ -20,6 +22,7 @@ from __future__ import annotations
 
 import json
 import logging
+import statistics
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -91,6 +94,13 @@ def guarded_steps(mode: str):
             pages.set_protect_every(every)
 
 
+def _quartiles(values: list[float]) -> list[float]:
+    if len(values) < 2:
+        return [values[0], values[0]]
+    q = statistics.quantiles(values, n=4)
+    return [q[0], q[2]]
+
+
 def run_guard_bench(device: str = "cuda", batch_sizes: tuple[int, ...] = (1, 8),
                     shape: str = "llama-3.2-1b", short: int = 32, long: int = 160,
                     repeats: int = 5, out: str | None = None) -> dict:
@@ -135,8 +145,10 @@ def _run(workdir: Path, device: str, dtype: torch.dtype, batch_sizes: tuple[int,
             for mode in phase[1:]:
                 row[f"tpot_ms_{mode}"], row[f"spread_{mode}"] = (stats[mode]["median_ms"],
                                                                  stats[mode]["spread"])
-                # over this phase's own "off"
-                row[f"overhead_{mode}"] = stats[mode]["median_ms"] / stats["off"]["median_ms"] - 1
+                # over this phase's own "off", round by round
+                ratios = sorted(g / o - 1 for g, o in zip(samples[mode], samples["off"]))
+                row[f"overhead_{mode}"] = statistics.median(ratios)
+                row[f"overhead_{mode}_quartiles"] = _quartiles(ratios)
     for row in rows.values():
         results["rows"].append(row)
         print(json.dumps(row))
@@ -146,14 +158,18 @@ def _run(workdir: Path, device: str, dtype: torch.dtype, batch_sizes: tuple[int,
         print(f"reports under {mode}: {seen['count']}; first: {seen['first'][:600]}")
     print(f"\n{results['date']} {results['device']} ({shape}, commit {results['commit']}, "
           f"torch {results['torch']}): decode TPOT per sync_guard mode, median of {repeats} "
-          f"alternated repetitions ± spread (overhead over the phase's own off)")
+          f"alternated repetitions ± spread (overhead: median of the per-round ratios over the "
+          f"phase's own off, with their quartiles)")
     print(describe(results["host"]))
     print("| engine | batch | off ms | deep (N=1) ms | sampled (N=16) ms | off ms, 2nd phase "
           "| light ms | light, pages 1/16 ms |")
     print("|---|---|---|---|---|---|---|---|")
 
     def cell(r: dict, m: str) -> str:
-        overhead = f" ({r[f'overhead_{m}']:+.1%})" if f"overhead_{m}" in r else ""
+        overhead = ""
+        if f"overhead_{m}" in r:
+            low, high = r[f"overhead_{m}_quartiles"]
+            overhead = f" ({r[f'overhead_{m}']:+.1%}, {low:+.1%}..{high:+.1%})"
         return f"{r[f'tpot_ms_{m}']:.3f} ± {r[f'spread_{m}']:.0%}{overhead}"
     for r in results["rows"]:
         cells = [cell(r, m) for m in ("off", "deep", "sampled", "off_light_phase", "light",

@@ -10,6 +10,7 @@ One level vocabulary everywhere (API, ``SYNC_GUARD``, the pytest plugin): ``allo
 """
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import itertools
 import logging
@@ -17,6 +18,7 @@ import os
 import sys
 import threading
 import traceback
+from collections.abc import Sequence
 from contextlib import ContextDecorator
 from contextvars import ContextVar
 from dataclasses import dataclass, field
@@ -66,32 +68,70 @@ def is_user_file(filename: str) -> bool:
     return not hidden
 
 
-def user_frames() -> list[traceback.FrameSummary]:
+class Frames(Sequence):
+    """The user's frames of one report, captured as (code object, instruction offset) pairs:
+    a line number costs a scan of the code's line table, so the ``FrameSummary`` objects are
+    made on first use (most reports, allowed syncs and tracked copies, are never printed)."""
+
+    __slots__ = ("_raw", "_frames")
+
+    def __init__(self, raw: list) -> None:
+        self._raw = raw
+        self._frames: list[traceback.FrameSummary] | None = None
+
+    def _summaries(self) -> list[traceback.FrameSummary]:
+        if self._frames is None:
+            self._frames = [traceback.FrameSummary(code.co_filename, _line_of(code, offset),
+                                                   code.co_name, lookup_line=False)
+                            for code, offset in self._raw]
+            self._raw = []
+        return self._frames
+
+    def __getitem__(self, index):
+        return self._summaries()[index]
+
+    def __len__(self) -> int:
+        return len(self._raw) if self._frames is None else len(self._frames)
+
+    def __repr__(self) -> str:
+        return repr(self._summaries())
+
+
+def _line_of(code, offset: int) -> int | None:
+    for start, end, line in code.co_lines():
+        if start <= offset < end:
+            return line
+    return code.co_firstlineno
+
+
+def user_frames() -> Frames:
     """The caller's stack without the guard's, torch's, pytest's and pluggy's frames.
 
-    Built straight from the frame objects, without reading source lines (they are read when a
-    report is printed): this runs for every tracked copy and every allowed wait.
+    Only the code objects and instruction offsets are read here (no line numbers, no source):
+    this runs for every tracked copy and every allowed wait.
     """
-    frames = []
+    raw = []
+    hidden = _hidden_files
     frame = sys._getframe(1)
     while frame is not None:
-        filename = frame.f_code.co_filename
-        if is_user_file(filename):
-            frames.append(traceback.FrameSummary(filename, frame.f_lineno, frame.f_code.co_name,
-                                                 lookup_line=False))
+        code = frame.f_code
+        skip = hidden.get(code.co_filename)
+        if skip is None:
+            skip = not is_user_file(code.co_filename)
+        if not skip:
+            raw.append((code, frame.f_lasti))
         frame = frame.f_back
-    frames.reverse()
-    return frames
+    raw.reverse()
+    return Frames(raw)
 
 
 def thread_name() -> str:
     name = threading.current_thread().name
-    try:
-        import asyncio
+    if asyncio._get_running_loop() is not None:
         task = asyncio.current_task()
-    except RuntimeError:
-        task = None
-    return f"{name} (task {task.get_name()})" if task is not None else name
+        if task is not None:
+            return f"{name} (task {task.get_name()})"
+    return name
 
 
 @dataclass
@@ -100,7 +140,7 @@ class SyncReport:
 
     op: str
     thread: str
-    frames: list[traceback.FrameSummary]
+    frames: Sequence[traceback.FrameSummary]
     allowed_by: str | None = None
 
     def __str__(self) -> str:

@@ -4,6 +4,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import inspect
 import threading
 
 import pytest
@@ -91,12 +92,15 @@ def test_work_that_runs_as_the_device_is_not_a_host_sync(dev, x):
 
 def test_log_records_without_raising_and_names_op_thread_and_user_frame(x):
     with sync_guard.log() as reports:
+        line = inspect.currentframe().f_lineno + 1
         x.tolist()
     [report] = reports
     assert "tolist" in report.op
     assert report.thread == threading.current_thread().name
     assert report.frames[-1].name == "test_log_records_without_raising_and_names_op_thread_and_user_frame"
     assert report.frames[-1].filename == __file__  # the user's line, not the guard's
+    assert report.frames[-1].lineno == line   # found from the frame's instruction, lazily
+    assert f"line {line}" in str(report)
 
 
 def test_allow_names_a_sync_and_first_only_allows_just_one(x):
