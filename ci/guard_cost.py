@@ -13,6 +13,12 @@ runs per configuration, in this order:
   guarded copy;
 * ``light, no hook``: the hook uninstalled (the Python-level checks only).
 
+Then the same guard work without the model (``synthetic``): a loop of steps that each do what
+the engine's step does with the guard (two staging buffers written from numpy and copied with
+their events, the reuse checks, two fences and a collect under ``allow``), one configuration
+after another within each round, many rounds: the guard's host time per step in microseconds,
+free of the model's noise.
+
 Also: the CUPTI callbacks per decode step by function, and the calls into the Python judge per
 step (a blocking call in a guarded thread outside a plain ``allow``). The host is recorded
 (``ci/host.py``): these are host-time figures.
@@ -25,6 +31,7 @@ import json
 import logging
 import statistics
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -41,6 +48,66 @@ def _callback_names(counts: list[int]) -> dict[str, int]:
                                                            ctypes.byref(name)) == 0:
                 found[name.value.decode()] = n
     return found
+
+
+SYNTHETIC_STEPS = 400
+
+
+def _synthetic_step_costs(rounds: int) -> dict:
+    """Microseconds per synthetic step per configuration (median over rounds, and spread)."""
+    import sync_guard
+    from sync_guard import pages
+    stream = torch.cuda.current_stream()
+    buffers = [(sync_guard.staging_empty((4096,), dtype, name=f"synthetic {dtype}"),
+                torch.zeros(4096, dtype=dtype, device="cuda"))
+               for dtype in (torch.int64, torch.float32)]
+    views = [host.numpy() for host, _ in buffers]
+    out = torch.zeros(8, dtype=torch.int64, device="cuda")
+    out_host = torch.empty(8, dtype=torch.int64, pin_memory=True)
+    copied: list = [None, None]
+
+    def step(n: int) -> None:
+        for i, ((host, dev), view) in enumerate(zip(buffers, views)):
+            sync_guard.buffer_reused(copied[i], "a synthetic staging buffer")
+            view[:64] = n
+            dev[:64].copy_(host[:64], non_blocking=True)
+            copied[i] = torch.cuda.Event()
+            copied[i].record(stream)
+        out_host.copy_(out, non_blocking=True)
+        collected = torch.cuda.Event()
+        collected.record(stream)
+        for event in copied:
+            with sync_guard.allow("synthetic input-prep fence"):
+                event.synchronize()
+        with sync_guard.allow("synthetic collect"):
+            collected.synchronize()
+
+    def light_step(n: int) -> None:
+        with sync_guard.light("log"):
+            step(n)
+
+    configs = {"off": (step, None), "light, pages off": (light_step, 0),
+               "light, pages 1/16": (light_step, 16), "light, pages": (light_step, 1)}
+    samples: dict[str, list[float]] = {label: [] for label in configs}
+    for _ in range(rounds + 1):   # the first round warms up, not counted
+        for label, (body, every) in configs.items():
+            previous = pages.set_protect_every(every) if every is not None else None
+            try:
+                torch.cuda.synchronize()
+                start = time.perf_counter()
+                for n in range(SYNTHETIC_STEPS):
+                    body(n)
+                elapsed = (time.perf_counter() - start) / SYNTHETIC_STEPS * 1e6
+            finally:
+                if previous is not None:
+                    pages.set_protect_every(previous)
+            samples[label].append(elapsed)
+    result = {}
+    for label, values in samples.items():
+        values = values[1:]
+        median = statistics.median(values)
+        result[label] = {"median_us": median, "spread": (max(values) - min(values)) / median}
+    return result
 
 
 def run_guard_cost(batch: int = 1, repeats: int = 9) -> dict:
@@ -98,6 +165,7 @@ def run_guard_cost(batch: int = 1, repeats: int = 9) -> dict:
         pages.set_protect_every(16)
         measure("light, hook, pages 1/16", light_step)
         pages.set_protect_every(every)
+        result["synthetic_us_per_step"] = _synthetic_step_costs(max(repeats, 5) * 3)
         native.uninstall()
         measure("light, no hook", light_step)
     off = result["tpot_ms"]["off"]["median"]
@@ -108,6 +176,13 @@ def run_guard_cost(batch: int = 1, repeats: int = 9) -> dict:
           f"step: {sum(result['callbacks_per_step'].values()):.1f}")
     for name, n in list(result["callbacks_per_step"].items())[:12]:
         print(f"  {name:40} {n:.2f}")
+    synthetic = result["synthetic_us_per_step"]
+    print(f"synthetic guarded step (no model), host microseconds per step, median of rounds, "
+          f"the guard's cost over off and as a share of the engine's off TPOT ({off:.3f} ms):")
+    for label, row in synthetic.items():
+        extra = row["median_us"] - synthetic["off"]["median_us"]
+        print(f"  {label:20} {row['median_us']:8.2f} us  spread {row['spread']:.0%}  "
+              f"guard {extra:+7.2f} us = {extra / (off * 1e3):+.2%} of a step")
     return result
 
 

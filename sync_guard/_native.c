@@ -32,8 +32,10 @@
 #define MAX_CBID 4096
 #define MAX_RANGES 4096
 #define MAX_PENDING 4096
-#define MAX_STREAMS 32
-#define FIRST_EVENTS 4096
+/* torch hands out streams from pools of 32 per priority level (and a process making engine after
+ * engine sees many of them), plus the default and per-thread streams */
+#define MAX_STREAMS 160
+#define FIRST_EVENTS 1024
 #define MAX_EVENTS (1 << 22)
 #define MAX_FAULTS 256
 #define RW (PROT_READ | PROT_WRITE)

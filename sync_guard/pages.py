@@ -354,7 +354,7 @@ def _warn_if_dropped() -> None:
     if dropped and not _state.get("dropped_warned"):
         _state["dropped_warned"] = True
         logger.warning("sync_guard: the native model's tables were full %d times (copies on "
-                       "more than 32 streams, or over 4M live events): races on what it could "
+                       "more than 160 streams, or over 4M live events): races on what it could "
                        "not track may be missed", dropped)
 
 

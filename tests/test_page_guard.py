@@ -283,3 +283,16 @@ def test_the_event_table_grows_past_its_first_size_without_losing_a_record(cuda,
         cuda.call("cudaEventSynchronize", live[-1])    # recorded after the copy, still known
         assert pages.counts() == (0, 0)
     assert ctypes.c_uint64.in_dll(pages.library(), "dropped").value == 0
+
+
+def test_copies_on_as_many_streams_as_torch_pools_hand_out_are_all_tracked(cuda, buf):
+    dropped = ctypes.c_uint64.in_dll(pages.library(), "dropped")
+    before = dropped.value
+    streams = [0x7000000 + 64 * i for i in range(140)]   # 4 priority pools of 32, and more
+    with sync_guard.light(), sync_guard.allow("the fence"):
+        for stream in streams:
+            copy_from(cuda, buf, stream=stream)
+            assert pages.counts() == (1, 1)
+            cuda.call("cudaStreamSynchronize", stream)
+            assert pages.counts() == (0, 0)
+    assert dropped.value == before
