@@ -11,6 +11,9 @@ Checks, in order (cheapest and most targeted first; ``--quick`` keeps the ones m
   whole call under sync_guard (syncs and races) and equal to sync;
 * ``property`` (oracle): the hypothesis differential under the derandomized ``ci`` profile;
 * ``machine`` (oracle): the stateful machine under the ``ci`` profile;
+* ``faults`` (oracle): injected faults judged by the containment contract
+  (:mod:`lockstep.property_tests.faults`): a sweep of every call of every step phase on a
+  workload of staggered retirements, in every sim mode, and a random property;
 * ``property-model``: the hypothesis differential on ``--model`` (near-ties accepted);
 * with ``--device cuda``, ``targeted-cuda`` and ``property-cuda`` first (the same on the GPU,
   oracle) and ``perf`` last (:mod:`lockstep.ci.perf`).
@@ -33,9 +36,9 @@ import torch
 
 from lockstep.property_tests import profiles
 
-from .gate_checks import (check_generate, check_machine, check_perf, check_property,
-                          check_property_cuda, check_property_model, check_targeted,
-                          check_targeted_cuda)
+from .gate_checks import (check_faults, check_generate, check_machine, check_perf,
+                          check_property, check_property_cuda, check_property_model,
+                          check_targeted, check_targeted_cuda)
 from .report import CheckResult, GateResult, classify
 from .watchdog import CheckHang, watchdog
 
@@ -181,6 +184,7 @@ CHECKS: list[Check] = [
     Check("generate", check_generate, True, True),
     Check("property", check_property, False, True, any_engine=True),
     Check("machine", check_machine, False, False, any_engine=True),
+    Check("faults", check_faults, False, True),
     Check("property-model", check_property_model, True, False),
     Check("perf", check_perf, False, False, ("cuda",), deadline_s=300.0),
 ]

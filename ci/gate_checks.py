@@ -163,3 +163,16 @@ def check_generate(options: GateOptions) -> str:
 def check_perf(options: GateOptions) -> str:
     from .perf import check_against_baseline
     return check_against_baseline()
+
+
+def check_faults(options: GateOptions) -> str:
+    """Injected faults: the sweep (every call of every phase of the retiring workload, every
+    sim mode; ``--quick``: async lazy and sync) and the random property, by the contract."""
+    from lockstep.property_tests import faults
+    modes = (faults.SIM_FAULT_MODES[0], faults.SIM_FAULT_MODES[2]) if options.quick else \
+        faults.SIM_FAULT_MODES
+    report = faults.fault_sweep(modes=modes)
+    random = _property(faults.random_faults_property(modes), options)
+    return (f"{report.faults} swept faults, 7 phases, {len(modes)} sim modes "
+            f"({report.bystander_faults} with a request's tokens in flight outside the failing "
+            f"step); random: {random} (oracle)")

@@ -14,6 +14,7 @@ DETECTORS = {  # exception type name -> the detector that raised it
     "BufferRace": "sync_guard (race)",
     "EngineHang": "watchdog (step bound)",
     "CheckHang": "watchdog",
+    "FaultContractError": "fault containment",
 }
 
 

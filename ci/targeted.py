@@ -137,9 +137,16 @@ def edge_lengths() -> Workload:
     ))
 
 
+def retiring() -> Workload:
+    """Requests retiring at staggered steps: at most async launches, some request's last token
+    is in flight outside the launching step (the fault sweep's workload)."""
+    from lockstep.property_tests.faults import retiring_workload
+    return retiring_workload()
+
+
 TARGETED = {f.__name__: f for f in (mixed_batch, tight_cache, stops_in_flight, reused_ids,
                                     aborts, client_orders, forced_preemption, slot_reuse,
-                                    edge_lengths)}
+                                    edge_lengths, retiring)}
 
 
 def targeted_workloads(model: str | None = "oracle") -> dict[str, Workload]:

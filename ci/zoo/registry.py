@@ -24,6 +24,7 @@ CLASSES = {
     "preemption": "preemption and resume",
     "sampling": "seeds and logprobs",
     "syncs": "hidden host syncs",
+    "containment": "fault containment",
 }
 
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 from collections import defaultdict, deque
 from collections.abc import Callable
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 
 import sync_guard
@@ -22,6 +23,7 @@ from lockstep.engine.config import EngineConfig
 from lockstep.engine.core import EngineCore
 from lockstep.property_tests.driver import step_bound
 from lockstep.property_tests.engine_under_test import Mode, heartbeat
+from lockstep.property_tests.faults import Shot, injected
 from lockstep.property_tests.workload import ClientCalls, Workload
 
 from ..targeted import TARGETED
@@ -43,6 +45,7 @@ class Witness:
     mode: Mode
     expect: tuple[str, ...]
     tries: int = 1
+    fault: tuple[str, int] | None = None   # (phase, call): a fault injected in both runs
 
     def __post_init__(self) -> None:
         unknown = set(self.expect) - set(KINDS)
@@ -63,8 +66,10 @@ class Outcome:
     preemptions: int = 0
 
 
-def run_bare(workload: Workload, mode: Mode) -> Outcome:
-    """``workload`` on a bare EngineCore in ``mode``: what a user of the engine would see."""
+def run_bare(workload: Workload, mode: Mode, fault: tuple[str, int] | None = None) -> Outcome:
+    """``workload`` on a bare EngineCore in ``mode``: what a user of the engine would see
+    (with ``fault``, an :class:`~lockstep.property_tests.faults.InjectedFault` at that call of
+    that phase: the containment path)."""
     spec, outcome = workload.engine, Outcome()
     core = EngineCore(EngineConfig(
         model=spec.model, device=mode.device, sim_policy=mode.sim_policy,
@@ -75,8 +80,9 @@ def run_bare(workload: Workload, mode: Mode) -> Outcome:
     if mode.policy in ("lazy", "skewed"):  # deterministic there; on threaded, timing decides
         _count_stale_launches(core, outcome)
     reports: list = []
+    shot = nullcontext() if fault is None else injected(core, Shot(*fault))
     try:
-        with sync_guard.race_check(), sync_guard.log() as reports:
+        with sync_guard.race_check(), sync_guard.log() as reports, shot:
             _drive(core, workload, outcome)
     except CheckHang:  # blocked inside a step: the caller's watchdog interrupted it
         outcome.hung = True
@@ -154,8 +160,10 @@ def _leak(core: EngineCore) -> str | None:
     return None
 
 
-def departures(clean: Outcome, faulty: Outcome) -> dict[str, str]:
-    """Each way ``faulty`` departs from ``clean``, by kind, with a short description."""
+def departures(clean: Outcome, faulty: Outcome, contained: bool = False) -> dict[str, str]:
+    """Each way ``faulty`` departs from ``clean``, by kind, with a short description
+    (``contained``: both ran with an injected fault, so requests that ended in "error" are
+    the clean run's too, and only different outputs count)."""
     found: dict[str, str] = {}
     if faulty.error and not clean.error:
         kind = "race" if faulty.error.startswith("BufferRace") else "crash"
@@ -170,7 +178,7 @@ def departures(clean: Outcome, faulty: Outcome) -> dict[str, str]:
     if faulty.stale_launches > clean.stale_launches:
         found["overlap"] = (f"{faulty.stale_launches} launches after the previous step's device "
                             f"work had run (clean: {clean.stale_launches})")
-    errors = [k for k, v in faulty.outputs.items() if v[3]]
+    errors = [k for k, v in faulty.outputs.items() if v[3] and not contained]
     if errors and not found.get("crash"):
         found["crash"] = f"request {errors[0][0]!r} ended with an error"
     if not (faulty.error or faulty.hung):
@@ -199,13 +207,13 @@ def demonstrate(witness: Witness, apply: Callable[[], Callable[[], None]]) -> st
         workload = make()
         workload = dataclasses.replace(workload,
                                        engine=dataclasses.replace(workload.engine, seed=seed))
-        clean = run_bare(workload, witness.mode)
+        clean = run_bare(workload, witness.mode, witness.fault)
         undo = apply()
         try:
-            faulty = run_bare(workload, witness.mode)
+            faulty = run_bare(workload, witness.mode, witness.fault)
         finally:
             undo()
-        seen = departures(clean, faulty)
+        seen = departures(clean, faulty, contained=witness.fault is not None)
         hits = [k for k in witness.expect if k in seen]
         if hits:
             return f"{witness.workload} on {witness.mode.name}: {hits[0]}: {seen[hits[0]]}"
