@@ -12,10 +12,12 @@ from .registry import injection
 from .witness import LAZY, Witness
 
 CONTAINMENT_REFS = (
-    "vllm-project/vllm#19970 (a failing step left the async engine's output queue waiting "
-    "forever on requests of an earlier batch)",
-    "sgl-project/sglang#5936 (an exception in the overlap scheduler's result processing hung "
-    "the server with requests still running)",
+    "jundot/omlx#1315 (an exception in the engine loop left a request in none of the queues the "
+    "failure sweep covers: its HTTP request hung forever)",
+    "SX-Aurora/aveo#11 (requests in the in-flight queue had to get the error after an exception, "
+    "or waiting for their results hung)",
+    "vllm-project/vllm#9263 (with async output processing, a request the scheduler ignored "
+    "never returned)",
 )
 
 
