@@ -37,6 +37,7 @@ class PendingOutput:
         self.sched = sched
         self._result = result
         done = device.record(device.compute)
+        self.device_done = done   # the step's device work is complete (the harness's overlap check)
         device.wait(device.copy, done)
         # fresh pinned memory each step, not a page-guarded staging buffer: one allocation per
         # step is all it costs (a staging buffer's registration would cost every step, guard

@@ -109,10 +109,13 @@ class EngineInvariants:
                     f"past prompt + max_tokens - 1 = {limit}")
 
     def _check_overlap(self, previous, step: int) -> None:
-        """On sim lazy, device work runs only when the host waits: if step N's work had run by
-        the time step N+1's launch returned, the host waited for it while preparing N+1."""
+        """On sim lazy, device work runs only when the host waits: if step N's device work (its
+        forward pass and sampler, not only its output copy) had run by the time step N+1's
+        launch returned, the host waited for it while preparing N+1. Judged by what the device
+        did, not by the order of the calls: a fence that waits for more than the staging
+        copies fails here whatever it is called."""
         previous_step, _, pending = previous
-        if pending._copied.is_done():
+        if pending.device_done.is_done():
             self._violations.append(f"no overlap: step {previous_step}'s device work had "
                                     f"completed when step {step}'s launch returned (sim lazy)")
         else:

@@ -195,3 +195,25 @@ def device_result_reused_across_streams(patch) -> None:
     sim lazy never (it runs each stream only as far as the host waits).
     """
     patch.setattr(model_runner, "DeviceResult", _shared_device_result)
+
+
+def _fence_on_the_compute_stream(self) -> None:
+    # BUG: "the staging copies run on the compute stream: wait for where it has got to"; the
+    # stream's tail is the previous step's forward pass and sampler, not only the copies
+    with sync_guard.allow("input-prep fence: the staging copies on the compute stream"):
+        self.ints.device.record(self.ints.device.compute).synchronize()
+
+
+@injection("staging", ("NVIDIA/TensorRT-LLM#6976 (a wider wait stopped consecutive batches "
+                       "overlapping)",), Witness("mixed_batch", LAZY, ("overlap",)))
+def fence_waits_for_the_compute_stream(patch) -> None:
+    """The fence waits for an event recorded on the compute stream now, instead of the staging
+    buffers' copy events.
+
+    The copies are on that stream, so the buffers are safe and tokens stay right; but so is the
+    previous step's forward pass: the host waits for step N's whole device work before it
+    prepares step N+1, and async scheduling loses its overlap. Only the previous step's output
+    copy (on the copy stream) is still pending at the launch, so an overlap check that looks at
+    the output copy counts every launch as overlapped. Async only.
+    """
+    patch.setattr(InputBatch, "fence", _fence_on_the_compute_stream)

@@ -139,7 +139,7 @@ def _count_stale_launches(core: EngineCore, outcome: Outcome) -> None:
     def counted(sched, block_tables, step):
         previous = core._in_flight[-1][2] if core._in_flight else None
         pending = execute(sched, block_tables, step)
-        if previous is not None and previous._copied.is_done():
+        if previous is not None and previous.device_done.is_done():
             outcome.stale_launches += 1
         return pending
     runner.execute_model = counted
