@@ -73,6 +73,9 @@ def main(argv: list[str] | None = None) -> int:
     soak.add_argument("--fault-every", type=int, default=200,
                       help="about one injected fault per this many steps (0: none)")
     soak.add_argument("--seed", type=int, default=0)
+    soak.add_argument("--max-steps", type=int, default=None,
+                      help="stop (exit 1) past this many engine steps (default: 50 per request "
+                           "+ 1,000); also stops after 2,000 steps in which nothing finished")
     rep = sub.add_parser("replay", help="re-run a saved failing workload and print the report")
     rep.add_argument("file", help="a workload JSON file written by a failing property")
     rep.add_argument("--device", default="sim", choices=["sim", "cuda"])
@@ -127,7 +130,7 @@ def main(argv: list[str] | None = None) -> int:
         from .soak import print_soak, run_soak
         return print_soak(run_soak(args.requests, args.device, args.policy, not args.sync,
                                    abort_rate=args.abort_rate, fault_every=args.fault_every,
-                                   seed=args.seed))
+                                   seed=args.seed, max_steps=args.max_steps))
     from .bench import BenchOptions, BenchUsageError, parse_batch_sizes
     try:
         batch_sizes = parse_batch_sizes(args.batch_sizes)
@@ -176,7 +179,9 @@ def _rules(args: argparse.Namespace) -> list[tuple[bool, str]]:
                 (0 <= args.abort_rate <= 1,
                  f"--abort-rate must be in [0, 1], got {args.abort_rate}"),
                 (args.fault_every >= 0,
-                 f"--fault-every must be 0 (no faults) or more, got {args.fault_every}")]
+                 f"--fault-every must be 0 (no faults) or more, got {args.fault_every}"),
+                (args.max_steps is None or args.max_steps >= 1,
+                 f"--max-steps must be at least 1, got {args.max_steps}")]
     return []
 
 

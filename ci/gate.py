@@ -27,7 +27,8 @@ from __future__ import annotations
 import logging
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -43,6 +44,21 @@ from .report import CheckResult, GateResult, classify
 from .watchdog import CheckHang, watchdog
 
 MESSAGE_LINES = 8
+SHRINK_CAP_S = 60   # hypothesis shrinks a failure for at most this long (its default: 300 s)
+
+
+@contextmanager
+def capped_shrinking(seconds: float) -> Iterator[None]:
+    """Bound the time hypothesis spends shrinking one failure, so that a failing gate reports
+    within its budget (hypothesis reads this module constant when it starts to shrink; it has
+    no public setting for it)."""
+    from hypothesis.internal.conjecture import engine
+    previous = engine.MAX_SHRINKING_SECONDS
+    engine.MAX_SHRINKING_SECONDS = seconds
+    try:
+        yield
+    finally:
+        engine.MAX_SHRINKING_SECONDS = previous
 
 
 class UsageError(Exception):
@@ -135,7 +151,8 @@ def run_gate(options: GateOptions) -> int:
     result = GateResult(model=options.model or "default", device=options.device,
                         quick=options.quick)
     print(f"lockstep gate: model={result.model} device={options.device}"
-          f"{' (quick)' if options.quick else ''}, {len(checks)} checks")
+          f"{' (quick)' if options.quick else ''}, {len(checks)} checks; a failing example is "
+          f"shrunk for at most {SHRINK_CAP_S} s")
     if options.foreign:
         from lockstep.property_tests.adapters import describe
         for line in describe(options.factory, options.device):
@@ -146,9 +163,12 @@ def run_gate(options: GateOptions) -> int:
         print(f"  on the model: {', '.join(on_model) or 'none'}; the others always use the "
               f"oracle (exact comparisons){perf}")
     for check in checks:
-        outcome = run_check(check, options) if check.any_engine or not options.foreign else \
-            CheckResult(check.name, "n/a", 0.0, f"checks Lockstep's own engine, not "
-                                                f"{options.engine}")
+        if check.any_engine or not options.foreign:
+            with capped_shrinking(SHRINK_CAP_S):
+                outcome = run_check(check, options)
+        else:
+            outcome = CheckResult(check.name, "n/a", 0.0,
+                                  f"checks Lockstep's own engine, not {options.engine}")
         result.checks.append(outcome)
         print(outcome.line())
         for line in outcome.report_lines(MESSAGE_LINES):

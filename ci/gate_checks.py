@@ -13,7 +13,7 @@ from lockstep.property_tests.capabilities import narrow_workload
 from lockstep.property_tests.comparator import compare_runs
 from lockstep.property_tests.differential import is_exact
 from lockstep.property_tests.driver import RequestResult, RunRecord
-from lockstep.property_tests.engine_under_test import ASYNC_MODES, Mode
+from lockstep.property_tests.engine_under_test import ASYNC_MODES, Mode, heartbeat
 from lockstep.property_tests.properties import async_matches_sync_property, check_workload
 from lockstep.property_tests.workload import EngineSpec, RequestSpec, Workload
 
@@ -126,13 +126,31 @@ def _generate_workload(model: str | None, vocab: int) -> Workload:
                           enumerate(zip(prompts, params))))
 
 
-def _generate(workload: Workload, device: str, policy: str, async_scheduling: bool) -> RunRecord:
+def _llm(workload: Workload, device: str, policy: str, async_scheduling: bool) -> LLM:
+    """An LLM whose engine steps beat the watchdog's heartbeat (a slow model is not a hang)."""
     spec = workload.engine
     llm = LLM(model=spec.model, device=device, sim_policy=policy if device == "sim" else None,
-              async_scheduling=async_scheduling, block_size=spec.block_size,
-              num_kv_blocks=spec.num_kv_blocks, max_num_batched_tokens=spec.max_num_batched_tokens,
-              max_num_seqs=spec.max_num_seqs, dtype="float32" if device == "cuda" else None)
-    name = Mode(async_scheduling, device, policy).name
+               async_scheduling=async_scheduling, block_size=spec.block_size,
+               num_kv_blocks=spec.num_kv_blocks,
+               max_num_batched_tokens=spec.max_num_batched_tokens,
+               max_num_seqs=spec.max_num_seqs, dtype="float32" if device == "cuda" else None)
+    core, name = llm.engine, Mode(async_scheduling, device, policy).name
+    step = core.step
+
+    def beating_step():
+        heartbeat.beat(f"generate {name}", core.num_steps, True)
+        try:
+            return step()
+        finally:
+            heartbeat.beat(f"generate {name}", core.num_steps, False)
+    core.step = beating_step
+    return llm
+
+
+def _generate(workload: Workload, device: str, policy: str, async_scheduling: bool,
+              llm: LLM | None = None, name: str | None = None) -> RunRecord:
+    llm = llm or _llm(workload, device, policy, async_scheduling)
+    name = name or Mode(async_scheduling, device, policy).name
     with sync_guard.race_check(), sync_guard.disallow():
         outs = llm.generate([list(r.prompt) for r in workload.requests],
                             [r.params for r in workload.requests])
@@ -143,21 +161,39 @@ def _generate(workload: Workload, device: str, policy: str, async_scheduling: bo
                             for o in outs}, stats=stats)
 
 
+def _solo(workload: Workload, device: str) -> RunRecord:
+    """Each request alone (sync, one engine, one ``generate`` call per request): what the batch
+    must equal, whatever its mode."""
+    llm, solo = _llm(workload, device, "eager", False), RunRecord(f"solo {device}")
+    for i, request in enumerate(workload.requests):
+        one = dataclasses.replace(workload, requests=(request,))
+        result = _generate(one, device, "eager", False, llm, f"solo {request.request_id}")
+        [(_, value)] = result.results.items()
+        solo.results[(f"gen1-{i}", 0)] = value
+    return solo
+
+
 def check_generate(options: GateOptions) -> str:
-    """LLM.generate, whole calls under sync_guard, async = sync (near-ties for float models)."""
+    """LLM.generate, whole calls under sync_guard: each request alone = sync = async, and sync on
+    every sim policy too (near-ties for float models). ``--quick``: lazy only, solo kept."""
     workload = _generate_workload(options.model, options.vocab or 512)
-    targets = [("sim", "lazy"), ("sim", "threaded"), ("sim", "skewed")]
+    policies = ["lazy"] if options.quick else ["lazy", "threaded", "skewed"]
     devices = ["sim"] + (["cuda"] if options.device == "cuda" else [])
-    if options.device == "cuda":
-        targets.append(("cuda", "eager"))
     exact = is_exact(workload.engine)
+    runs = 0
     for device in devices:
+        solo = _solo(workload, device)
         reference = _generate(workload, device, "eager", False)
-        for dev, policy in (t for t in targets if t[0] == device):
-            compare_runs(reference, _generate(workload, dev, policy, True), workload, exact)
-    names = ", ".join(f"{d}/{p}" if d == "sim" else d for d, p in targets)
-    return f"12 requests, async on {names} = sync, whole calls guarded (model " \
-           f"{options.model or 'default'})"
+        compare_runs(solo, reference, workload, exact)
+        targets = [(p, m) for p in (policies if device == "sim" else ["eager"])
+                   for m in (False, True)]
+        for policy, async_scheduling in targets:
+            compare_runs(reference, _generate(workload, device, policy, async_scheduling),
+                         workload, exact)
+        runs += 2 + len(targets)
+    where = ", ".join(["sim/" + p for p in policies] + (["cuda"] if "cuda" in devices else []))
+    return (f"12 requests, sync and async on {where} = sync eager = each request alone "
+            f"({runs} runs), whole calls guarded (model {options.model or 'default'})")
 
 
 def check_perf(options: GateOptions) -> str:

@@ -33,6 +33,9 @@ PHASES = ((Scheduler, "schedule"), (InputBatch, "prepare"), (ModelRunner, "_devi
           (PendingOutput, "get_output"), (Scheduler, "update_from_output"))
 
 
+STALL_STEPS = 2000
+
+
 class SoakFault(RuntimeError):
     """The fault the soak injects."""
 
@@ -66,7 +69,12 @@ def _faulting(rng: random.Random, every: int, counts: dict):
 
 def run_soak(requests: int = 10_000, device: str = "sim", policy: str = "lazy",
              async_scheduling: bool = True, concurrency: int = 16, abort_rate: float = 0.2,
-             fault_every: int = 200, seed: int = 0) -> dict:
+             fault_every: int = 200, seed: int = 0, max_steps: int | None = None,
+             stall_steps: int = STALL_STEPS) -> dict:
+    """``max_steps`` (default: 50 per request, plus 1,000) bounds the run; so does
+    ``stall_steps``, calls of ``step()`` in a row in which no request finished while some were live:
+    an engine that never drains (a request that lost its last token, say) ends the soak with
+    ``stalled`` set, instead of spinning forever."""
     torch.set_num_threads(1)
     rng = random.Random(seed)
     core = EngineCore(EngineConfig(
@@ -78,6 +86,9 @@ def run_soak(requests: int = 10_000, device: str = "sim", policy: str = "lazy",
     added = finished = 0
     rss = {}
     start = time.perf_counter()
+    limit = max_steps if max_steps is not None else 50 * requests + 1000
+    stalled, last_progress, calls = None, 0, 0   # calls: step() calls (an engine that stopped
+    # launching does not advance num_steps)
     with ExitStack() as stack:
         for patch in _faulting(rng, fault_every, counts):
             stack.enter_context(patch)
@@ -91,16 +102,26 @@ def run_soak(requests: int = 10_000, device: str = "sim", policy: str = "lazy",
             for rid, at in list(live.items()):
                 if at == core.num_steps:
                     core.abort_request(rid)
+            calls += 1
             for out in core.step():
                 if out.finished and out.request_id in live:
                     del live[out.request_id]
                     counts[out.finish_reason] += 1
                     finished += 1
+                    last_progress = calls
                     if finished == 1000:
                         rss["1k"] = rss_bytes()
+            if calls - last_progress > stall_steps:
+                stalled = (f"no request finished in {stall_steps} calls of step() (engine step "
+                           f"{core.num_steps}); live: {sorted(live)[:8]}")
+                break
+            if calls > limit:
+                stalled = f"past the step bound {limit} with {requests - finished} unfinished"
+                break
     # async: the last step launched may still be in flight for requests that have finished;
     # collect it (launching nothing) so that what is held below is what stays held
-    core.settle()
+    if stalled is None:
+        core.settle()
     rss[f"{requests // 1000}k"] = rss_bytes()
     held = {"blocks": core.kv.pool.num_blocks - core.kv.num_free_blocks,
             "requests": len(core.scheduler.requests), "in_flight": len(core._in_flight),
@@ -108,7 +129,7 @@ def run_soak(requests: int = 10_000, device: str = "sim", policy: str = "lazy",
     return {"date": time.strftime("%Y-%m-%d"), "device": device, "policy": policy,
             "async": async_scheduling, "requests": requests, "steps": core.num_steps,
             "preemptions": core.scheduler.num_preemptions, "ended": counts, "held": held,
-            "rss_mib": {k: round(v / 2**20, 1) for k, v in rss.items()},
+            "rss_mib": {k: round(v / 2**20, 1) for k, v in rss.items()}, "stalled": stalled,
             "seconds": round(time.perf_counter() - start, 1)}
 
 
@@ -121,5 +142,8 @@ def print_soak(result: dict) -> int:
           f"({result['device']}/{result['policy']}, {'async' if result['async'] else 'sync'})")
     print(f"RSS: " + ", ".join(f"{k} {v} MiB" for k, v in result["rss_mib"].items())
           + f"; growth {growth:+.1f} MiB; still held at the end: {result['held']}")
+    if result.get("stalled"):
+        print(f"STALLED: {result['stalled']}")
+        return 1
     leaked = any(result["held"].values())
     return 1 if leaked else 0

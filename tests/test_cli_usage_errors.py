@@ -174,7 +174,8 @@ def test_gate_device_cuda_without_cuda_exits_2_before_any_check(capsys, no_work)
     (["--abort-rate", "7"], "--abort-rate must be in [0, 1], got 7.0"),
     (["--abort-rate", "-0.1"], "--abort-rate must be in [0, 1], got -0.1"),
     (["--abort-rate", "nan"], "--abort-rate must be in [0, 1], got nan"),
-    (["--fault-every", "-3"], "--fault-every must be 0 (no faults) or more, got -3")])
+    (["--fault-every", "-3"], "--fault-every must be 0 (no faults) or more, got -3"),
+    (["--max-steps", "0"], "--max-steps must be at least 1, got 0")])
 def test_soak_refuses_out_of_range_options(capsys, no_work, args, says):
     assert main(["soak", *args]) == 2
     assert usage_line(capsys, "err") == f"lockstep soak: {says}"
@@ -229,6 +230,26 @@ def test_soak_still_reports_a_real_leak(capsys, monkeypatch):
     assert main(["soak", "--requests", "1", "--fault-every", "0", "--abort-rate", "0"]) == 1
     held = soak_result(capsys)["held"]
     assert held["blocks"] > 0 and held["in_flight"] == 0, held
+
+
+def test_soak_stops_an_engine_that_never_drains_and_says_so(capsys):
+    from lockstep.ci.soak import print_soak, run_soak
+    from lockstep.ci.zoo import INJECTIONS, Patcher
+    patch = Patcher()
+    INJECTIONS["launch_failure_drops_steps_in_flight"].apply(patch)
+    try:   # faults often: some launch fails with another request's last token in flight
+        result = run_soak(requests=300, fault_every=5, stall_steps=300)
+    finally:
+        patch.undo()
+    assert result["stalled"] and "no request finished in 300 calls" in result["stalled"]
+    assert print_soak(result) == 1
+    assert "STALLED: no request finished" in capsys.readouterr().out
+    assert run_soak(requests=300, fault_every=5, stall_steps=300)["stalled"] is None
+
+
+def test_soak_stops_at_its_step_bound(capsys):
+    assert main(["soak", "--requests", "50", "--fault-every", "0", "--max-steps", "5"]) == 1
+    assert "past the step bound 5" in soak_result(capsys)["stalled"]
 
 
 def test_guard_bench_refuses_fewer_than_one_repeat(capsys, no_work):

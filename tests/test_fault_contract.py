@@ -87,3 +87,13 @@ def test_the_replay_command_judges_one_fault(tmp_path, patch, capsys):
                         "--call", "2"]) == 2
     assert "--mode='async/warp'" in capsys.readouterr().err
     assert faults.main([str(tmp_path / "missing.json"), "--phase", "wait", "--call", "1"]) == 2
+
+
+def test_the_gate_caps_shrinking_and_puts_hypothesis_back():
+    from hypothesis.internal.conjecture import engine
+
+    from lockstep.ci.gate import SHRINK_CAP_S, capped_shrinking
+    before = engine.MAX_SHRINKING_SECONDS
+    with capped_shrinking(SHRINK_CAP_S):
+        assert engine.MAX_SHRINKING_SECONDS == SHRINK_CAP_S < before
+    assert engine.MAX_SHRINKING_SECONDS == before

@@ -162,6 +162,6 @@ def test_model_applies_to_the_checks_that_take_one(hf_checkpoint, capsys):
 def test_quick_keeps_the_fast_checks_with_fewer_examples(capsys):
     from lockstep.ci.gate import selected
     assert [c.name for c in selected(GateOptions(quick=True))] == ["targeted", "generate",
-                                                                    "property"]
+                                                                    "property", "faults"]
     assert [c.name for c in selected(GateOptions())] == ["targeted", "generate", "property",
-                                                          "machine", "property-model"]
+                                                          "machine", "faults", "property-model"]

@@ -83,6 +83,6 @@ def collect_pops_in_flight_entry_after_update(patch) -> None:
     After a failed output wait (the step's device work failed) the failed step stays at the
     head of the queue: every later collect takes it again and fails again, no later step's
     tokens are ever collected, and the engine never drains. (After a failed update the retry
-    happens to be harmless: the step's requests have ended.)
+    happens to be harmless: the step's requests have ended.) Both modes.
     """
     patch.setattr(EngineCore, "_collect", _collect_popping_after_update)
