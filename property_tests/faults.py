@@ -184,7 +184,8 @@ def run_with_fault(workload: Workload, mode: Mode, shot: Shot) -> tuple[RunRecor
                                                                          LockstepEngine]:
     engine = LockstepEngine(workload.engine, mode)
     with injected(engine.core, shot) as rows:
-        record = drive(workload, engine, f"{mode.name} with an injected {shot}")
+        record = drive(workload, engine, f"{mode.name} with an injected {shot}",
+                       engine.eos_token_ids)
     shot.rows = rows
     return record, engine
 
@@ -245,7 +246,7 @@ def check_fault(workload: Workload, mode: Mode, shot: Shot, reference: RunRecord
     _check_nothing_held(engine, where)
     try:
         fresh = drive(Workload(workload.engine, (fresh_request(workload.engine),)), engine,
-                      f"{where}, then fresh")
+                      f"{where}, then fresh", engine.eos_token_ids)
     except EngineHang as exc:
         raise FaultContractError(f"{where}: a fresh request afterwards never finished: "
                                  f"{exc}") from None
@@ -274,9 +275,10 @@ def _check_nothing_held(engine: LockstepEngine, where: str) -> None:
 def references(workload: Workload) -> tuple[RunRecord, RunRecord]:
     """The fault-free run (sync, eager) and the fresh request alone."""
     sync = Mode(False, "sim", "eager")
-    return (drive(workload, LockstepEngine(workload.engine, sync), "sync sim/eager"),
-            drive(Workload(workload.engine, (fresh_request(workload.engine),)),
-                  LockstepEngine(workload.engine, sync), "fresh alone"))
+    plain, alone = LockstepEngine(workload.engine, sync), LockstepEngine(workload.engine, sync)
+    return (drive(workload, plain, "sync sim/eager", plain.eos_token_ids),
+            drive(Workload(workload.engine, (fresh_request(workload.engine),)), alone,
+                  "fresh alone", alone.eos_token_ids))
 
 
 @dataclass

@@ -78,8 +78,10 @@ def _count(tallies: list[_Tally], what: str, target: str = "") -> Any:
 
 def _progress(tallies: list[_Tally], elapsed: float) -> str:
     n, m = _count(tallies, "examples", "differential"), _count(tallies, "examples", "machine")
+    f = _count(tallies, "examples", "faults")
     top = _count(tallies, "states").most_common(3)
-    return (f"[{elapsed:6.1f}s] {n:.0f} examples{f' + {m:.0f} machine' if m else ''} "
+    return (f"[{elapsed:6.1f}s] {n:.0f} examples{f' + {m:.0f} machine' if m else ''}"
+            f"{f' + {f:.0f} faults' if f else ''} "
             f"({n / elapsed:.2f}/s), {sum(len(t.failures) for t in tallies)} failures | "
             + (", ".join(f"{s} {c}" for s, c in top) or "-"))
 
@@ -94,7 +96,7 @@ def summary(tallies: list[_Tally], elapsed: float, modes: int) -> str:
     rows.append(("total", str(d), str(m), str(f)))
     widths = [max(len(r[c]) for r in rows) for c in range(4)]
     lines = ["  ".join(cell.rjust(w) for cell, w in zip(row, widths)) for row in rows]
-    for target in ("differential", "machine"):
+    for target in ("differential", "machine", "faults"):
         n, busy = _count(tallies, "examples", target), _count(tallies, "seconds", target)
         rate = n / max(busy, 1e-9) * len(tallies)   # as if every worker ran it all the time
         if n or target == "differential":

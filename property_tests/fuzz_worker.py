@@ -57,6 +57,14 @@ class _Worker:
         self.reference, self.modes = engine_modes(self.factory, config.device)
         self.default = config.engine == "lockstep" and config.device == "cpu"
         self.machine = self._load_machine()
+        if self.default:   # Lockstep's own engine: its step phases take injected faults too
+            from . import faults
+            check_fault = faults.check_fault
+
+            def observed_fault(*args: Any, **kwargs: Any) -> Any:
+                self._example("faults")
+                return check_fault(*args, **kwargs)
+            faults.check_fault = observed_fault
 
     def _event(self, value: str, payload: Any = "") -> None:
         self.states[str(value)] += 1
@@ -111,9 +119,10 @@ class _Worker:
 
     def run(self) -> None:
         """Turns of hypothesis runs (differential, machine, ...) for ``--minutes`` from now."""
-        targets = ["differential"] + (["machine"] if self.machine else [])
+        targets = ["differential"] + (["machine"] if self.machine else []) + \
+            (["faults"] if self.default else [])
         seconds = self.config.minutes * 60
-        turn_s = min(TURN_S, max(10.0, seconds / 4)) if self.machine else math.inf
+        turn_s = min(TURN_S, max(10.0, seconds / 4)) if len(targets) > 1 else math.inf
         deadline, run = time.time() + seconds, 0
         while time.time() < deadline:
             target, began = targets[run % len(targets)], time.time()
@@ -138,6 +147,9 @@ class _Worker:
             if target == "machine" and self.machine:
                 from hypothesis.stateful import run_state_machine_as_test
                 run_state_machine_as_test(seed(run_seed)(self.machine), settings=chosen)
+            elif target == "faults":
+                from .faults import random_faults_property
+                chosen(seed(run_seed)(random_faults_property()))()
             elif self.default:
                 model = None if self.config.model == "default" else self.config.model
                 chosen(seed(run_seed)(self.props.async_matches_sync_property(model)))()
