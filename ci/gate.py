@@ -16,7 +16,7 @@ Checks, in order (cheapest and most targeted first; ``--quick`` keeps the ones m
   workload of staggered retirements, in every sim mode, and a random property;
 * ``property-model``: the hypothesis differential on ``--model`` (near-ties accepted);
 * with ``--device cuda``, ``targeted-cuda`` and ``property-cuda`` first (the same on the GPU,
-  oracle) and ``perf`` last (:mod:`lockstep.ci.perf`).
+  oracle), ``graphs-cuda`` (poisoned CUDA-graph static buffers: :mod:`lockstep.ci.graph_poison`) and ``perf`` last (:mod:`lockstep.ci.perf`).
 
 A check that fails prints the detector that caught it, the first lines of the message and the
 replay command; ``--json`` and ``--junit-xml`` write the same for CI systems. Exit status: 0
@@ -37,7 +37,8 @@ import torch
 
 from lockstep.property_tests import profiles
 
-from .gate_checks import (check_faults, check_generate, check_machine, check_perf,
+from .gate_checks import (check_faults, check_generate, check_graphs_cuda, check_machine,
+                          check_perf,
                           check_property, check_property_cuda, check_property_model,
                           check_targeted, check_targeted_cuda)
 from .report import CheckResult, GateResult, classify
@@ -200,6 +201,7 @@ def run_check(check: Check, options: GateOptions) -> CheckResult:
 CHECKS: list[Check] = [
     Check("targeted-cuda", check_targeted_cuda, False, True, ("cuda",)),
     Check("property-cuda", check_property_cuda, False, False, ("cuda",)),
+    Check("graphs-cuda", check_graphs_cuda, True, True, ("cuda",)),
     Check("targeted", check_targeted, False, True, any_engine=True),
     Check("generate", check_generate, True, True),
     Check("property", check_property, False, True, any_engine=True),

@@ -212,3 +212,8 @@ def check_faults(options: GateOptions) -> str:
     return (f"{report.faults} swept faults, 7 phases, {len(modes)} sim modes "
             f"({report.bystander_faults} with a request's tokens in flight outside the failing "
             f"step); random: {random} (oracle)")
+
+
+def check_graphs_cuda(options: GateOptions) -> str:
+    from .graph_poison import check_graph_poison
+    return check_graph_poison(options.model) + f" (model {options.model or 'default'})"

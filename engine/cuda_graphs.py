@@ -29,6 +29,7 @@ class DecodeGraphs:
         self.kv_cache = kv_cache
         self.sizes = sizes
         self.scratch_slot = scratch_block * block_size
+        self.scratch_block = scratch_block
         self.kv_len = max_blocks_per_seq * block_size
         dev = kv_cache.device
         n = self.sizes[-1]
@@ -83,9 +84,16 @@ class DecodeGraphs:
         self.input_ids[:num_rows].copy_(inputs.input_ids)
         self.positions[:num_rows].copy_(inputs.positions)
         self.slot_mapping[:num_rows].copy_(attn.slot_mapping)
-        self.block_tables[:num_rows, :attn.block_tables.shape[1]].copy_(attn.block_tables)
+        width = attn.block_tables.shape[1]
+        self.block_tables[:num_rows, :width].copy_(attn.block_tables)
+        # everything the graph reads is written for this step (nothing left from an earlier
+        # one: the harness's poison check replays with the rest set to a sentinel)
+        if width < self.block_tables.shape[1]:
+            self.block_tables[:num_rows, width:].fill_(self.scratch_block)
         if b > num_rows:
+            self.input_ids[num_rows:b].zero_()
             self.slot_mapping[num_rows:b].fill_(self.scratch_slot)
             self.positions[num_rows:b].zero_()
+            self.block_tables[num_rows:b].fill_(self.scratch_block)
         self.graphs[b].replay()
         return self.logits[b][:num_rows]
