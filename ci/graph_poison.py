@@ -28,6 +28,9 @@ class PoisonReport:
     replays: int = 0
     padded: int = 0   # replays whose batch was padded (rows the step does not own)
     sizes: set = dataclasses.field(default_factory=set)
+    # the engine contains a failed step (its requests end "error"), so a violation raised inside
+    # the launch is also kept here for the check to raise after the run
+    violations: list = dataclasses.field(default_factory=list)
 
 
 class _CheckedGraph:
@@ -41,10 +44,11 @@ class _CheckedGraph:
             stale = [name for name in BUFFERS
                      if bool((getattr(self.graphs, name)[:self.b] == SENTINEL).any())]
         if stale:
-            raise InvariantViolation(
-                f"CUDA graph of batch size {self.b}: {', '.join(stale)} still hold the sentinel "
-                f"in the region the graph reads: the step did not write them (stale values "
-                f"from an earlier step would be read)")
+            message = (f"CUDA graph of batch size {self.b}: {', '.join(stale)} still hold the "
+                       f"sentinel in the region the graph reads: the step did not write them "
+                       f"(stale values from an earlier step would be read)")
+            self.report.violations.append(message)
+            raise InvariantViolation(message)
         self.report.replays += 1
         self.report.sizes.add(self.b)
         self.graph.replay()
@@ -81,6 +85,11 @@ def check_graph_poison(model: str | None) -> str:
     graphed = LLM(cuda_graph_sizes=(1, 2, 4, 8), **kwargs)
     report = poisoned(graphed)
     outs = graphed.generate(prompts, params)
+    if report.violations:
+        raise InvariantViolation(report.violations[0])
+    errored = [o.request_id for o in outs if o.finish_reason == "error"]
+    if errored:
+        raise InvariantViolation(f"graphed decode ended {errored} with an error")
     eager = LLM(enforce_eager=True, **kwargs).generate(prompts, params)
     differ = [o.request_id for o, e in zip(outs, eager) if o.token_ids != e.token_ids]
     if differ:

@@ -6,6 +6,7 @@ from lockstep.engine import model_runner
 from lockstep.engine.device import HostBuffer
 from lockstep.engine.input_batch import InputBatch
 from lockstep.engine.model_runner import PendingOutput
+from lockstep.property_tests.engine_under_test import Mode
 
 from .registry import injection
 from .witness import LAZY, SKEWED, Witness
@@ -217,3 +218,46 @@ def fence_waits_for_the_compute_stream(patch) -> None:
     the output copy counts every launch as overlapped. Async only.
     """
     patch.setattr(InputBatch, "fence", _fence_on_the_compute_stream)
+
+
+_real_fence = InputBatch.fence
+_real_input_batch_init = InputBatch.__init__
+_real_get_output = PendingOutput.get_output
+
+
+def _input_batch_knowing_its_mode(self, config, device):
+    _real_input_batch_init(self, config, device)
+    self.zoo_async = config.async_scheduling
+
+
+def _fence_in_async_mode_only(self) -> None:
+    if self.zoo_async:  # BUG: "in sync mode the collect already waited for the step"
+        _real_fence(self)
+
+
+def _get_output_without_a_wait_for_a_tokenless_step(self):
+    rows = self.sched.rows
+    if not any(row.samples for row in rows):  # every row is a partial prefill: nothing to
+        return model_runner.ModelRunnerOutput([None] * len(rows), [None] * len(rows))  # read
+    return _real_get_output(self)
+
+
+@injection("staging", ("vllm-project/vllm#48214 (sync mode: a prefill-only chunk step of a "
+                       "pooling model returned without a device sync, and the next step "
+                       "rewrote a pinned input buffer its copy had not read)",
+                       "vllm-project/vllm#53057 (an encoder-only step had no host wait point, "
+                       "so the pinned input slots were reused under a running step)"),
+           Witness("tight_cache", Mode(False, "sim", "lazy"), ("race", "outputs")))
+def sync_fence_skipped_with_a_tokenless_step(patch) -> None:
+    """Sync mode skips the input-prep fence ("the collect waited for the step"), and the collect
+    of a step that samples nothing (every row a partial prefill) returns without waiting.
+
+    Each edit alone is harmless: the fence protects the staging buffers in both modes, and the
+    collect's wait makes the fence free in sync mode. Together, a prefill-only step has no host
+    wait point in sync mode: the next step's preparation rewrites both staging buffers while
+    that step's copies are still queued, and the prefill chunk runs on the next step's inputs.
+    Sync only (async mode keeps its fence); on sim lazy whenever a step is prefill-only.
+    """
+    patch.setattr(InputBatch, "__init__", _input_batch_knowing_its_mode)
+    patch.setattr(InputBatch, "fence", _fence_in_async_mode_only)
+    patch.setattr(PendingOutput, "get_output", _get_output_without_a_wait_for_a_tokenless_step)

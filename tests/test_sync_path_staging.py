@@ -1,0 +1,83 @@
+"""In sync mode too, the input-prep fence (not the collect's wait) protects the staging buffers.
+
+A step whose rows are all partial prefills samples nothing, so its collect has nothing to read;
+an engine may return it without a device wait (vLLM #48214, #53057 had such steps). Then the
+fence is the only thing between that step's pending staging copies and the next step's
+preparation. These tests apply the zoo entry's two edits one at a time and together.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from lockstep.ci.targeted import targeted_workloads
+from lockstep.ci.zoo import Patcher
+from lockstep.ci.zoo import buffers
+from lockstep.ci.zoo.witness import departures, run_bare
+from lockstep.engine.input_batch import InputBatch
+from lockstep.engine.model_runner import PendingOutput
+from lockstep.property_tests.engine_under_test import Mode
+
+SYNC_LAZY = Mode(False, "sim", "lazy")
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+def _tokenless_steps_without_a_wait(patch: Patcher) -> None:
+    patch.setattr(PendingOutput, "get_output",
+                  buffers._get_output_without_a_wait_for_a_tokenless_step)
+
+
+def _fence_skipped_in_sync_mode(patch: Patcher) -> None:
+    patch.setattr(InputBatch, "__init__", buffers._input_batch_knowing_its_mode)
+    patch.setattr(InputBatch, "fence", buffers._fence_in_async_mode_only)
+
+
+def _run(*edits) -> tuple:
+    workload = targeted_workloads()["tight_cache"]
+    patch = Patcher()
+    try:
+        for edit in edits:
+            edit(patch)
+        return run_bare(workload, SYNC_LAZY)
+    finally:
+        patch.undo()
+
+
+def test_the_workload_has_prefill_only_steps():
+    seen = []
+    real = PendingOutput.get_output
+
+    def counting(self):
+        seen.append(not any(row.samples for row in self.sched.rows))
+        return real(self)
+    patch = Patcher()
+    patch.setattr(PendingOutput, "get_output", counting)
+    try:
+        run_bare(targeted_workloads()["tight_cache"], SYNC_LAZY)
+    finally:
+        patch.undo()
+    assert sum(seen) >= 2, seen
+
+
+def test_a_collect_without_a_wait_is_safe_while_the_fence_stays():
+    clean = _run()
+    assert clean.error is None and clean.outputs
+    assert departures(clean, _run(_tokenless_steps_without_a_wait)) == {}
+
+
+def test_skipping_the_fence_in_sync_mode_is_harmless_while_every_collect_waits():
+    assert departures(_run(), _run(_fence_skipped_in_sync_mode)) == {}
+
+
+def test_with_both_a_prefill_only_step_races_the_next_preparation():
+    found = departures(_run(), _run(_tokenless_steps_without_a_wait,
+                                    _fence_skipped_in_sync_mode))
+    assert "race" in found, found
+    assert "host-to-device copy from it was pending" in found["race"], found
