@@ -92,7 +92,11 @@ def ci_profile(monkeypatch, fixed_constants):
     assert settings().max_examples == 30 and settings().derandomize
     if fixed_constants is not None:   # hypothesis 6.155 here
         monkeypatch.setattr(providers, "_get_local_constants", lambda: fixed_constants)
+        # the values drawn from the pool are cached per kind of choice: drop the suite's
+        providers.CONSTANTS_CACHE.cache.clear()
     yield
+    if fixed_constants is not None:
+        providers.CONSTANTS_CACHE.cache.clear()
     settings.load_profile(previous)
 
 
