@@ -54,6 +54,10 @@ MAX_SHRUNK_REQUESTS = 3
 # the modules a run of this file alone imports.
 POOL_PACKAGES = ("lockstep.engine", "lockstep.property_tests", "lockstep.ci.zoo", "sync_guard")
 POOL_MODULES = ("lockstep.ci.targeted", "lockstep.ci.watchdog")
+# modules of those packages that a run of this file alone does not import
+SKIPPED_IN_POOL = ("transformers_cb", "transformers_loop", "transformers_model", "fuzz",
+                   "fuzz_config", "fuzz_worker", "machine", "replay", "runner", "worker",
+                   "_native_build", "_sampled")
 
 
 def _fixed_constants():
@@ -70,12 +74,6 @@ def _fixed_constants():
     for name in sorted(names):
         pool |= constants_from_module(importlib.import_module(name))
     return pool
-
-
-# modules of those packages that a run of this file alone does not import
-SKIPPED_IN_POOL = ("transformers_cb", "transformers_loop", "transformers_model", "fuzz",
-                   "fuzz_config", "fuzz_worker", "machine", "replay", "runner", "worker",
-                   "_native_build", "_sampled")
 
 
 @pytest.fixture(scope="module")

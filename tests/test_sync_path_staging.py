@@ -7,36 +7,19 @@ preparation. These tests apply the zoo entry's two edits one at a time and toget
 """
 from __future__ import annotations
 
-import pytest
 import torch
 
 from lockstep.ci.targeted import targeted_workloads
 from lockstep.ci.zoo import Patcher
-from lockstep.ci.zoo import buffers
+from lockstep.ci.zoo.buffers import (collect_tokenless_steps_without_a_wait, samples_nothing,
+                                     skip_the_fence_in_sync_mode)
 from lockstep.ci.zoo.witness import departures, run_bare
-from lockstep.engine.input_batch import InputBatch
 from lockstep.engine.model_runner import PendingOutput
 from lockstep.property_tests.engine_under_test import Mode
 
+torch.set_num_threads(1)
+
 SYNC_LAZY = Mode(False, "sim", "lazy")
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
-def _tokenless_steps_without_a_wait(patch: Patcher) -> None:
-    patch.setattr(PendingOutput, "get_output",
-                  buffers._get_output_without_a_wait_for_a_tokenless_step)
-
-
-def _fence_skipped_in_sync_mode(patch: Patcher) -> None:
-    patch.setattr(InputBatch, "__init__", buffers._input_batch_knowing_its_mode)
-    patch.setattr(InputBatch, "fence", buffers._fence_in_async_mode_only)
 
 
 def _run(*edits) -> tuple:
@@ -55,29 +38,24 @@ def test_the_workload_has_prefill_only_steps():
     real = PendingOutput.get_output
 
     def counting(self):
-        seen.append(not any(row.samples for row in self.sched.rows))
+        seen.append(samples_nothing(self))
         return real(self)
-    patch = Patcher()
-    patch.setattr(PendingOutput, "get_output", counting)
-    try:
-        run_bare(targeted_workloads()["tight_cache"], SYNC_LAZY)
-    finally:
-        patch.undo()
+    _run(lambda patch: patch.setattr(PendingOutput, "get_output", counting))
     assert sum(seen) >= 2, seen
 
 
 def test_a_collect_without_a_wait_is_safe_while_the_fence_stays():
     clean = _run()
     assert clean.error is None and clean.outputs
-    assert departures(clean, _run(_tokenless_steps_without_a_wait)) == {}
+    assert departures(clean, _run(collect_tokenless_steps_without_a_wait)) == {}
 
 
 def test_skipping_the_fence_in_sync_mode_is_harmless_while_every_collect_waits():
-    assert departures(_run(), _run(_fence_skipped_in_sync_mode)) == {}
+    assert departures(_run(), _run(skip_the_fence_in_sync_mode)) == {}
 
 
 def test_with_both_a_prefill_only_step_races_the_next_preparation():
-    found = departures(_run(), _run(_tokenless_steps_without_a_wait,
-                                    _fence_skipped_in_sync_mode))
+    found = departures(_run(), _run(collect_tokenless_steps_without_a_wait,
+                                    skip_the_fence_in_sync_mode))
     assert "race" in found, found
     assert "host-to-device copy from it was pending" in found["race"], found

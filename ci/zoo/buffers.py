@@ -225,6 +225,11 @@ _real_input_batch_init = InputBatch.__init__
 _real_get_output = PendingOutput.get_output
 
 
+def samples_nothing(pending: PendingOutput) -> bool:
+    """Every row of the step is a partial prefill: it has no token for the host to read."""
+    return not any(row.samples for row in pending.sched.rows)
+
+
 def _input_batch_knowing_its_mode(self, config, device):
     _real_input_batch_init(self, config, device)
     self.zoo_async = config.async_scheduling
@@ -236,10 +241,21 @@ def _fence_in_async_mode_only(self) -> None:
 
 
 def _get_output_without_a_wait_for_a_tokenless_step(self):
-    rows = self.sched.rows
-    if not any(row.samples for row in rows):  # every row is a partial prefill: nothing to
-        return model_runner.ModelRunnerOutput([None] * len(rows), [None] * len(rows))  # read
+    if samples_nothing(self):  # nothing to read, so nothing waited for
+        rows = len(self.sched.rows)
+        return model_runner.ModelRunnerOutput([None] * rows, [None] * rows)
     return _real_get_output(self)
+
+
+def skip_the_fence_in_sync_mode(patch) -> None:
+    """The first half of the entry below, harmless alone."""
+    patch.setattr(InputBatch, "__init__", _input_batch_knowing_its_mode)
+    patch.setattr(InputBatch, "fence", _fence_in_async_mode_only)
+
+
+def collect_tokenless_steps_without_a_wait(patch) -> None:
+    """The second half of the entry below, harmless alone."""
+    patch.setattr(PendingOutput, "get_output", _get_output_without_a_wait_for_a_tokenless_step)
 
 
 @injection("staging", ("vllm-project/vllm#48214 (sync mode: a prefill-only chunk step of a "
@@ -258,6 +274,5 @@ def sync_fence_skipped_with_a_tokenless_step(patch) -> None:
     that step's copies are still queued, and the prefill chunk runs on the next step's inputs.
     Sync only (async mode keeps its fence); on sim lazy whenever a step is prefill-only.
     """
-    patch.setattr(InputBatch, "__init__", _input_batch_knowing_its_mode)
-    patch.setattr(InputBatch, "fence", _fence_in_async_mode_only)
-    patch.setattr(PendingOutput, "get_output", _get_output_without_a_wait_for_a_tokenless_step)
+    skip_the_fence_in_sync_mode(patch)
+    collect_tokenless_steps_without_a_wait(patch)
