@@ -7,6 +7,8 @@ import torch
 
 DEVICES = ("cpu", "cuda", "sim")
 SIM_POLICIES = ("eager", "lazy", "threaded", "skewed")
+COLLECTS = ("lazy", "eager")
+OUTPUT_WAITS = ("block", "poll")
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
@@ -29,6 +31,12 @@ class EngineConfig:
     kv_cache_memory_fraction: float = 0.5
     cuda_graph_sizes: tuple[int, ...] | None = None
     timeline_steps: int = 1024  # the step timeline keeps the last this many steps; 0: none
+    # async: "lazy" collects a step when the queue is full; "eager" also collects, before
+    # scheduling, every step in flight whose outputs have already reached the host
+    collect: str = "lazy"
+    # how the collect waits for a step's outputs: "block" on the event, or "poll" it with
+    # back-off (the host idles between polls; the device goes on)
+    output_wait: str = "block"
 
     def __post_init__(self) -> None:
         if self.model is not None and (not isinstance(self.model, str) or not self.model):
@@ -44,6 +52,9 @@ class EngineConfig:
             if self.sim_policy not in SIM_POLICIES:
                 raise ValueError(f"sim_policy must be one of {SIM_POLICIES}, "
                                  f"got {self.sim_policy!r}")
+        for name, allowed in (("collect", COLLECTS), ("output_wait", OUTPUT_WAITS)):
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
         self.dtype = _parse_dtype(self.dtype)
         for name in ("block_size", "max_num_seqs", "max_num_batched_tokens"):
             _positive_int(name, getattr(self, name))

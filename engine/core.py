@@ -82,6 +82,7 @@ class EngineCore:
         self._pending_outputs: list[RequestOutput] = []
         self._in_flight: deque[tuple[int, SchedulerOutput, PendingOutput]] = deque()
         self._queue_depth = 2 if config.async_scheduling else 1
+        self._collect_early = config.collect == "eager"
         self._owner_lock = threading.Lock()
         self._owner: tuple[int, str, str] | None = None  # (thread id, call, thread name)
         self.broken: str | None = None  # why the engine can no longer be used
@@ -208,7 +209,9 @@ class EngineCore:
 
         Sync mode (queue depth 1): schedule, launch, wait for the tokens, update. Async mode
         (depth 2): schedule and launch step N+1 *before* collecting step N, so the host's
-        scheduling and input preparation overlap the device's work.
+        scheduling and input preparation overlap the device's work. With ``collect="eager"``, a
+        step in flight whose outputs already reached the host is collected before scheduling
+        (the tokens must not depend on which steps the host happened to know).
 
         A failure inside a phase (schedule, launch, device work, collect) ends the requests it
         touched with finish reason "error" (the cause in ``RequestOutput.error``) and returns
@@ -230,6 +233,9 @@ class EngineCore:
 
     def _step(self) -> list[RequestOutput]:
         outputs, self._pending_outputs = self._pending_outputs, []
+        if self._collect_early:  # what the host knows now depends on the device's timing
+            while self._in_flight and self._in_flight[0][2].ready():
+                outputs += self._collect()
         launched = False
         if len(self._in_flight) < self._queue_depth and self.scheduler.has_unfinished():
             launched = self._launch()
@@ -294,6 +300,16 @@ class EngineCore:
     def _pending_outputs_now(self) -> list[RequestOutput]:
         outputs, self._pending_outputs = self._pending_outputs, []
         return outputs
+
+    def activity(self) -> str:
+        """Where the host is in a step, for a watchdog in another thread (a snapshot)."""
+        current = self.timeline.current
+        in_flight = [step for step, _, _ in list(self._in_flight)]
+        where = "between steps" if current is None else \
+            f"engine step {current[1]}, {current[0]}"
+        if current is not None and current[0] == "collect":
+            where += " (waiting for its outputs)"
+        return f"{where}; steps in flight {in_flight}"
 
     def stats(self) -> dict:
         """Counters; safe from any thread (a snapshot: beside a running step, it may fall

@@ -9,6 +9,7 @@ data and a host write to a staging buffer before its copy ran changes what the d
 """
 from __future__ import annotations
 
+import time
 from contextlib import contextmanager
 from typing import Any, Callable, Iterator, Protocol
 
@@ -74,6 +75,11 @@ class Device:
 
     def synchronize(self) -> None:
         torch.cuda.synchronize()
+
+    def idle(self, seconds: float, waiting_for: Event) -> None:
+        """The host has nothing to do for ``seconds`` while it polls ``waiting_for`` (a
+        back-off); the device goes on with its queued work meanwhile."""
+        time.sleep(seconds)
 
     def zeros(self, *shape: int, dtype: torch.dtype) -> torch.Tensor:
         return torch.zeros(*shape, dtype=dtype, device=self.torch_device)

@@ -59,13 +59,14 @@ class LLM:
                  max_num_batched_tokens: int = 1024, max_model_len: int | None = None,
                  seed: int = 0, enforce_eager: bool = False, sim_policy: str | None = None,
                  cuda_graph_sizes: Sequence[int] | None = None, timeline_steps: int = 1024,
-                 ) -> None:
+                 collect: str = "lazy", output_wait: str = "block") -> None:
         self.config = EngineConfig(
             model=model, device=device, dtype=dtype, async_scheduling=async_scheduling,
             block_size=block_size, num_kv_blocks=num_kv_blocks, max_num_seqs=max_num_seqs,
             max_num_batched_tokens=max_num_batched_tokens, max_model_len=max_model_len,
             seed=seed, enforce_eager=enforce_eager, sim_policy=sim_policy,
-            cuda_graph_sizes=cuda_graph_sizes, timeline_steps=timeline_steps)
+            cuda_graph_sizes=cuda_graph_sizes, timeline_steps=timeline_steps, collect=collect,
+            output_wait=output_wait)
         self.engine = EngineCore(self.config)
         self.tokenizer = load_tokenizer(model)
         self._num_generate_calls = 0

@@ -17,6 +17,9 @@ from .scheduler import SchedulerOutput
 from .timeline import Timeline
 
 
+POLL_MIN_S, POLL_MAX_S = 20e-6, 1e-3  # the polling collect's back-off
+
+
 @dataclass
 class ModelRunnerOutput:
     """Host-side result of a step: per row the sampled id (None for a partial prefill)."""
@@ -33,8 +36,11 @@ class PendingOutput:
     ``get_output`` waits on that event, so the critical path never does.
     """
 
-    def __init__(self, device: Device, sched: SchedulerOutput, result: "DeviceResult") -> None:
+    def __init__(self, device: Device, sched: SchedulerOutput, result: "DeviceResult",
+                 poll: bool = False) -> None:
         self.sched = sched
+        self._device = device
+        self._poll = poll
         self._result = result
         done = device.record(device.compute)
         self.device_done = done   # the step's device work is complete (the harness's overlap check)
@@ -48,10 +54,24 @@ class PendingOutput:
             device.copy_async(dst, src, device.copy)
         self._copied = device.record(device.copy)
 
+    def ready(self) -> bool:
+        """The outputs have reached the host (never waits): ``get_output`` will not block."""
+        return self._copied.query()
+
     def get_output(self) -> ModelRunnerOutput:
         with sync_guard.allow("collect: the step's sampled ids reach the host"):
-            self._copied.synchronize()
+            if self._poll:
+                self._poll_until_copied()
+            self._copied.synchronize()  # after a poll: returns at once, raises a device fault
         return self._assemble(self._host[0].tolist())
+
+    def _poll_until_copied(self) -> None:
+        """Query the event, idling between queries with a back-off that doubles up to
+        ``POLL_MAX_S``: the host core is free for others, the device goes on."""
+        backoff = POLL_MIN_S
+        while not self._copied.query():
+            self._device.idle(backoff, self._copied)
+            backoff = min(2 * backoff, POLL_MAX_S)
 
     def _assemble(self, tokens: list[int]) -> ModelRunnerOutput:
         """Per row: the sampled id (None for a partial prefill) and its logprobs entry."""
@@ -165,6 +185,7 @@ class ModelRunner:
         self.prompt_mask = device.zeros(config.max_num_seqs, vocab_size, dtype=torch.bool)
         self.last_sampled = device.zeros(config.max_num_seqs, dtype=torch.int64)
         self.input_batch = InputBatch(config, device)
+        self.poll = config.output_wait == "poll"
         self.graphs = None
         if device.kind == "cuda" and not config.enforce_eager:
             sizes = list(config.cuda_graph_sizes or capture_sizes(config.max_num_seqs))
@@ -186,7 +207,7 @@ class ModelRunner:
             begin = self.timeline.device_begin()
             self.device.launch(self.device.compute, self._device_step, inputs, result)
             self.timeline.device_end(step, begin)
-            return PendingOutput(self.device, sched, result)
+            return PendingOutput(self.device, sched, result, self.poll)
 
     def _device_step(self, inputs: StepInputs, result: DeviceResult) -> None:
         """Everything the device does in one step; runs in compute-stream order."""

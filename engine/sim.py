@@ -234,6 +234,16 @@ class SimStream:
             error, self._queue.error = self._queue.error, None
             self.raise_fault(error, None)
 
+    def advance(self) -> None:
+        """Run the next queued item, if any (lazy): the work the device does while the host
+        idles. Never a host wait: nothing is reported to sync_guard."""
+        with self.device.run_lock:
+            with self._queue.lock:
+                if not self._queue.items:
+                    return
+                item = self._queue.items.popleft()
+            self._queue.execute(item)
+
     def _never_completes(self, event: SimEvent) -> None:
         """No work left that could complete ``event`` (the item that would have was cut short,
         by an interrupt in the host thread): an error, never a wait that cannot end."""
@@ -306,6 +316,16 @@ class SimDevice(Device):
     def wait(self, stream: SimStream, event: SimEvent) -> None:
         hooks.on_wait(stream, event)
         stream.enqueue(event.synchronize)
+
+    def idle(self, seconds: float, waiting_for: SimEvent) -> None:
+        """The host idles while it polls ``waiting_for`` (a back-off): a lazy stream runs its
+        next item, as a GPU goes on while the host sleeps (only the event's stream, so no more
+        work runs than the event needs, as lazy promises); a threaded one runs by itself."""
+        stream = waiting_for.stream
+        if stream.policy == "lazy":
+            stream.advance()
+        elif stream.policy == "threaded":
+            time.sleep(seconds)
 
     def zeros(self, *shape: int, dtype: torch.dtype) -> torch.Tensor:
         tensor = torch.zeros(*shape, dtype=dtype)

@@ -44,6 +44,7 @@ class Timeline:
         self.host_spans: deque[HostSpan] = deque(maxlen=HOST_SPANS_PER_STEP * max_steps)
         self._device_events: deque[tuple[int, object, object]] = deque(maxlen=max_steps)
         self._origin = None  # (event, host ns) pair that anchors CUDA times to host time
+        self.current: tuple[str, int] | None = None  # the host phase running now, and its step
         if device.kind == "cuda" and self.enabled:
             device.synchronize()
             origin = device.record(device.compute, timing=True)
@@ -52,14 +53,16 @@ class Timeline:
 
     @contextmanager
     def host(self, name: str, step: int) -> Iterator[None]:
-        if not self.enabled:
-            yield
-            return
-        start = time.perf_counter_ns()
+        """Time a host phase of ``step``; ``current`` names it while it runs (kept even with
+        the timeline off: a watchdog reads it to say where a stuck step is)."""
+        outer, self.current = self.current, (name, step)
+        start = time.perf_counter_ns() if self.enabled else 0
         try:
             yield
         finally:
-            self.host_spans.append(HostSpan(name, step, start, time.perf_counter_ns()))
+            self.current = outer
+            if self.enabled:
+                self.host_spans.append(HostSpan(name, step, start, time.perf_counter_ns()))
 
     def device_begin(self) -> object:
         return self.device.record(self.device.compute, timing=True) if self.enabled else None

@@ -24,11 +24,15 @@ from .workload import EngineSpec
 
 @dataclass(frozen=True)
 class Mode:
-    """How an engine runs: sync or async scheduling, on which device and sim policy."""
+    """How an engine runs: sync or async scheduling, on which device and sim policy, and (for
+    Lockstep's engine) how it collects a step: ``collect`` "eager" takes every step whose
+    outputs already arrived before scheduling; ``output_wait`` "poll" polls with back-off."""
 
     async_scheduling: bool
     device: str = "sim"
     policy: str = "eager"
+    collect: str = "lazy"
+    output_wait: str = "block"
 
     @property
     def sim_policy(self) -> str | None:
@@ -38,7 +42,9 @@ class Mode:
     @property
     def name(self) -> str:
         where = f"{self.device}/{self.policy}" if self.device == "sim" else self.device
-        return f"{'async' if self.async_scheduling else 'sync'} {where}"
+        extra = (" eager-collect" if self.collect == "eager" else "") + \
+            (" polling" if self.output_wait == "poll" else "")
+        return f"{'async' if self.async_scheduling else 'sync'} {where}{extra}"
 
 
 SYNC = Mode(async_scheduling=False)
@@ -88,13 +94,23 @@ class Heartbeat:
 
     def __init__(self) -> None:
         self.beats: dict[int, tuple[str, int, bool, float]] = {}
+        self.activity: dict[int, Callable[[], str]] = {}
         self.reset()
 
     def reset(self) -> None:
         self.beats = {threading.get_ident(): ("", 0, False, time.monotonic())}
+        self.activity = {}
 
-    def beat(self, run: str, step: int, in_step: bool) -> None:
-        self.beats[threading.get_ident()] = (run, step, in_step, time.monotonic())
+    def beat(self, run: str, step: int, in_step: bool,
+             activity: Callable[[], str] | None = None) -> None:
+        """``activity()``: where the engine is inside the step (e.g. ``EngineCore.activity``),
+        asked only when a watchdog reports this run stuck."""
+        me = threading.get_ident()
+        self.beats[me] = (run, step, in_step, time.monotonic())
+        if activity is not None:
+            self.activity[me] = activity
+        else:
+            self.activity.pop(me, None)
 
     @property
     def time(self) -> float:
@@ -102,10 +118,19 @@ class Heartbeat:
 
     def describe(self) -> str:
         """The runs inside a step (the ones that may be stuck), else the latest beat."""
-        entries = sorted(list(self.beats.values()), key=lambda e: -e[3])
-        inside = [e for e in entries if e[2]] or entries[:1]
+        entries = sorted(list(self.beats.items()), key=lambda e: -e[1][3])
+        inside = [e for e in entries if e[1][2]] or entries[:1]
         return "; ".join(f"{'inside' if e[2] else 'after'} step {e[1]} of run "
-                         f"{e[0] or '(none yet)'}" for e in inside)
+                         f"{e[0] or '(none yet)'}{self._activity(tid)}" for tid, e in inside)
+
+    def _activity(self, thread_id: int) -> str:
+        activity = self.activity.get(thread_id)
+        if activity is None:
+            return ""
+        try:
+            return f" ({activity()})"
+        except Exception as exc:  # noqa: BLE001 - a report must never fail
+            return f" (activity unknown: {type(exc).__name__})"
 
 
 heartbeat = Heartbeat()
@@ -122,8 +147,8 @@ class LockstepEngine:
             async_scheduling=mode.async_scheduling, block_size=spec.block_size,
             num_kv_blocks=spec.num_kv_blocks, max_num_seqs=spec.max_num_seqs,
             max_num_batched_tokens=spec.max_num_batched_tokens,
-            max_model_len=spec.max_model_len, seed=spec.seed,
-            dtype="float32" if mode.device == "cuda" else None))
+            max_model_len=spec.max_model_len, seed=spec.seed, collect=mode.collect,
+            output_wait=mode.output_wait, dtype="float32" if mode.device == "cuda" else None))
         self.invariants = EngineInvariants(self.core)
         self.steps = 0
 
@@ -146,7 +171,7 @@ class LockstepEngine:
 
     def step(self) -> Sequence[Output]:
         self.steps += 1
-        heartbeat.beat(self.mode.name, self.steps, True)
+        heartbeat.beat(self.mode.name, self.steps, True, self.core.activity)
         outputs = self.core.step()
         heartbeat.beat(self.mode.name, self.steps, False)
         return outputs

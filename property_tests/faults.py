@@ -46,7 +46,9 @@ PHASES: dict[str, tuple[type, str]] = {
     "update": (Scheduler, "update_from_output")}
 SIM_FAULT_MODES = (Mode(False, "sim", "eager"), Mode(True, "sim", "eager"),
                    Mode(True, "sim", "lazy"), Mode(True, "sim", "threaded"),
-                   Mode(True, "sim", "skewed"), Mode(False, "sim", "lazy"))
+                   Mode(True, "sim", "skewed"), Mode(False, "sim", "lazy"),
+                   Mode(True, "sim", "skewed", collect="eager"),
+                   Mode(True, "sim", "lazy", output_wait="poll"))
 MAX_SWEEP_CALLS = 24
 _ERROR_STEP = re.compile(r"step (\d+) failed in (\w+)")
 

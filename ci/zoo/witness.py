@@ -34,6 +34,7 @@ SYNC = Mode(False, "sim", "eager")
 LAZY = Mode(True, "sim", "lazy")
 THREADED = Mode(True, "sim", "threaded")
 SKEWED = Mode(True, "sim", "skewed")
+SKEWED_EAGER_COLLECT = Mode(True, "sim", "skewed", collect="eager")
 
 
 @dataclass(frozen=True)
@@ -76,7 +77,7 @@ def run_bare(workload: Workload, mode: Mode, fault: tuple[str, int] | None = Non
         async_scheduling=mode.async_scheduling, block_size=spec.block_size,
         num_kv_blocks=spec.num_kv_blocks, max_num_seqs=spec.max_num_seqs,
         max_num_batched_tokens=spec.max_num_batched_tokens, max_model_len=spec.max_model_len,
-        seed=spec.seed))
+        seed=spec.seed, collect=mode.collect, output_wait=mode.output_wait))
     if mode.policy in ("lazy", "skewed"):  # deterministic there; on threaded, timing decides
         _count_stale_launches(core, outcome)
     reports: list = []
@@ -113,7 +114,7 @@ def _drive(core: EngineCore, workload: Workload, outcome: Outcome) -> None:
                 abort_due[call[1]].append(live.pop(call[1]))
         if step in preempt and core.scheduler.running:
             core.scheduler._preempt(core.scheduler.running[-1])
-        heartbeat.beat(f"demonstration {mode_name(core)}", step, True)
+        heartbeat.beat(f"demonstration {mode_name(core)}", step, True, core.activity)
         outputs = core.step()
         heartbeat.beat(f"demonstration {mode_name(core)}", step, False)
         for out in outputs:
@@ -147,7 +148,8 @@ def _count_stale_launches(core: EngineCore, outcome: Outcome) -> None:
 
 def mode_name(core: EngineCore) -> str:
     cfg = core.config
-    return Mode(cfg.async_scheduling, cfg.device, cfg.sim_policy or "eager").name
+    return Mode(cfg.async_scheduling, cfg.device, cfg.sim_policy or "eager", cfg.collect,
+                cfg.output_wait).name
 
 
 def _leak(core: EngineCore) -> str | None:
