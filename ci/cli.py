@@ -42,6 +42,11 @@ def main(argv: list[str] | None = None) -> int:
                      "search alone)")
     zoo.add_argument("--json", dest="json_path", metavar="FILE", help="write the table as JSON")
     zoo.add_argument("--list", action="store_true", help="list the injections and exit")
+    zoo.add_argument("--quick", action="store_true",
+                     help="run the gate's --quick against each injection (its catch rate)")
+    zoo.add_argument("--whole-gate", action="store_true",
+                     help="run every check against each injection, not only up to the first "
+                          "failure (the gate's time when it fails)")
     bench = sub.add_parser("bench", help="decode TPOT sync vs async vs the HBM floor")
     bench.add_argument("--device", default="cuda", choices=["cpu", "cuda"])
     bench.add_argument("--batch-sizes", default="1,8,64")
@@ -125,7 +130,8 @@ def main(argv: list[str] | None = None) -> int:
         return run_zoo(ZooOptions(device=args.device, jobs=args.jobs, json_path=args.json_path,
                                   only=tuple(n for n in args.only.split(",") if n),
                                   checks=tuple(n for n in args.checks.split(",") if n),
-                                  list_only=args.list))
+                                  list_only=args.list, quick=args.quick,
+                                  whole_gate=args.whole_gate))
     if args.command == "soak":
         from .soak import print_soak, run_soak
         return print_soak(run_soak(args.requests, args.device, args.policy, not args.sync,

@@ -30,6 +30,7 @@ class HostSpan:
     step: int
     start_ns: int
     end_ns: int
+    failed: bool = False  # the phase raised (a collect that failed never got the outputs)
 
 
 class Timeline:
@@ -45,24 +46,30 @@ class Timeline:
         self._device_events: deque[tuple[int, object, object]] = deque(maxlen=max_steps)
         self._origin = None  # (event, host ns) pair that anchors CUDA times to host time
         self.current: tuple[str, int] | None = None  # the host phase running now, and its step
+        self.anchor_error_ns = 0  # device times may be late by up to this much (CUDA)
         if device.kind == "cuda" and self.enabled:
             device.synchronize()
+            before = time.perf_counter_ns()
             origin = device.record(device.compute, timing=True)
             origin.synchronize()
-            self._origin = (origin, time.perf_counter_ns())
+            after = time.perf_counter_ns()
+            # the origin completed somewhere in [before, after]; it is taken to be ``after``
+            self._origin, self.anchor_error_ns = (origin, after), after - before
 
     @contextmanager
     def host(self, name: str, step: int) -> Iterator[None]:
         """Time a host phase of ``step``; ``current`` names it while it runs (kept even with
         the timeline off: a watchdog reads it to say where a stuck step is)."""
         outer, self.current = self.current, (name, step)
-        start = time.perf_counter_ns() if self.enabled else 0
+        start, failed = time.perf_counter_ns() if self.enabled else 0, True
         try:
             yield
+            failed = False
         finally:
             self.current = outer
             if self.enabled:
-                self.host_spans.append(HostSpan(name, step, start, time.perf_counter_ns()))
+                self.host_spans.append(HostSpan(name, step, start, time.perf_counter_ns(),
+                                                failed))
 
     def device_begin(self) -> object:
         return self.device.record(self.device.compute, timing=True) if self.enabled else None
@@ -109,7 +116,7 @@ class Timeline:
         for s in host_spans:
             events.append({"name": s.name, "cat": "host", "ph": "X", "pid": 0, "tid": 0,
                            "ts": s.start_ns / 1e3, "dur": (s.end_ns - s.start_ns) / 1e3,
-                           "args": {"step": s.step}})
+                           "args": {"step": s.step, **({"failed": True} if s.failed else {})}})
         for step, start, stop in device_spans:
             events.append({"name": f"step {step}", "cat": "device", "ph": "X", "pid": 1,
                            "tid": 0, "ts": start / 1e3, "dur": (stop - start) / 1e3,

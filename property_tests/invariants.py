@@ -14,7 +14,10 @@ from __future__ import annotations
 
 from collections import Counter
 
+import sync_guard
 from lockstep.engine import SamplingParams
+
+from .attribution import attribution_errors
 
 
 class InvariantViolation(AssertionError):
@@ -26,6 +29,8 @@ class EngineInvariants:
         self.core = core
         self.overlapped_launches = 0
         self.launches_after_forced_wait = 0
+        self.attributed_steps = 0
+        self._launched: list[int] = []   # launched since the timeline was last checked
         self._violations: list[str] = []
         cfg = core.config
         self._watch_overlap = (cfg.async_scheduling and cfg.device == "sim"
@@ -42,6 +47,7 @@ class EngineInvariants:
         def checked_execute(sched, block_tables, step):
             previous = core._in_flight[-1] if self._watch_overlap and core._in_flight else None
             pending = execute(runner, sched, block_tables, step)
+            self._launched.append(step)
             if previous is not None:
                 self._check_overlap(previous, step)
             return pending
@@ -50,7 +56,8 @@ class EngineInvariants:
         runner.execute_model = checked_execute
 
     def counters(self) -> dict:
-        return {"overlapped_launches": self.overlapped_launches}
+        return {"overlapped_launches": self.overlapped_launches,
+                "attributed_steps": self.attributed_steps}
 
     def check(self) -> None:
         core, problems = self.core, self._violations
@@ -82,8 +89,23 @@ class EngineInvariants:
             if not 0 <= req.num_placeholders <= in_flight:
                 problems.append(f"{rid}: {req.num_placeholders} placeholders with {in_flight} "
                                 f"steps in flight")
+        if self._launched and not core.has_unfinished_requests():
+            problems += self._check_attribution()
         if problems:
             raise InvariantViolation("; ".join(problems))
+
+    def _check_attribution(self) -> list[str]:
+        """Once the engine is idle (reading device spans waits for the device): the timeline's
+        spans belong to their steps (:mod:`.attribution`)."""
+        timeline, launched, self._launched = self.core.timeline, self._launched, []
+        if not timeline.enabled:
+            return []
+        with sync_guard.allow("harness: the timeline's device spans, read with the engine idle"):
+            spans = timeline.device_spans()
+        self.attributed_steps += len(launched)
+        tolerance = timeline.anchor_error_ns + (1000 if self.core.device.kind == "cuda" else 0)
+        return [f"timeline: {p}" for p in attribution_errors(timeline.host_spans, spans,
+                                                            launched, tolerance)]
 
     def _check_schedule(self, out, preempted: bool) -> None:
         cfg = self.core.config

@@ -1,4 +1,4 @@
-"""Output collection that depends on timing: what the host knows when it schedules.
+"""Output collection that depends on timing: what the host knows, and which step a span names.
 
 With ``collect="eager"`` the engine collects every step whose outputs already reached the host
 before it schedules the next one, so what the host knows at a schedule depends on the device's
@@ -7,10 +7,12 @@ and skewed (the compute stream done, the outputs' copy not) beside the lazy coll
 """
 from __future__ import annotations
 
+from lockstep.engine.core import EngineCore
 from lockstep.engine.model_runner import PendingOutput
+from lockstep.engine.request import RequestOutput
 
 from .registry import injection
-from .witness import SKEWED_EAGER_COLLECT, Witness
+from .witness import LAZY, SKEWED_EAGER_COLLECT, Witness
 
 _real_get_output = PendingOutput.get_output
 
@@ -38,7 +40,34 @@ def eager_collect_trusts_the_compute_event(patch) -> None:
     Only the eager collect calls ``ready``: the lazy collect waits on the copy's event and is
     right, so the bug hides until the host's knowledge depends on timing. Wherever the compute
     finishes before the outputs' copy (sim skewed; a busy copy engine), the host reads the
-    host buffers before the copy wrote them: stale or garbage tokens. Async, eager collect.
+    host buffers before the copy wrote them: stale or garbage tokens. Async only (with the
+    eager collect).
     """
     patch.setattr(PendingOutput, "ready", _ready_when_computed)
     patch.setattr(PendingOutput, "get_output", _get_output_trusting_ready)
+
+
+def _collect_under_the_newest_step(self):
+    step, sched, pending = self._in_flight.popleft()
+    try:
+        with self.timeline.host("collect", self.num_steps):  # BUG: the step launched last
+            result = pending.get_output()
+            changed = self.scheduler.update_from_output(sched, result.sampled, result.logprobs)
+            return [RequestOutput(r) for r in changed]
+    except BaseException as exc:
+        self._contain(exc, "collect", step, [row.request for row in sched.rows])
+        return []
+
+
+@injection("timeline", ("NVIDIA/TensorRT-LLM#3785 (iteration statistics that mixed two "
+                        "iterations under the overlap scheduler)",
+                        "NVIDIA/TensorRT-LLM#11860"), Witness("retiring", LAZY, ("timeline",)))
+def collect_span_names_the_newest_step(patch) -> None:
+    """EngineCore._collect records its timeline span under ``num_steps``, the step launched
+    last, not the step it collects.
+
+    Right in sync mode, where they are the same step; under overlap the collect of step N is
+    booked to step N+1, so a trace (or per-step latency) shows step N+1 "collected" before
+    its device work ran and step N never collected. Tokens stay right. Async only.
+    """
+    patch.setattr(EngineCore, "_collect", _collect_under_the_newest_step)

@@ -25,6 +25,7 @@ CLASSES = {
     "sampling": "seeds and logprobs",
     "syncs": "hidden host syncs",
     "containment": "fault containment",
+    "timeline": "step timeline attribution",
 }
 
 

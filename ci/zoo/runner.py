@@ -32,15 +32,19 @@ class ZooOptions:
     only: tuple[str, ...] = ()
     checks: tuple[str, ...] = ()   # the gate's checks to run (default: all of them)
     list_only: bool = False
+    quick: bool = False            # the gate's --quick
+    whole_gate: bool = False       # every check runs, not only up to the first failure
 
 
-def run_worker(name: str, device: str, folder: Path, checks: tuple[str, ...] = ()) -> dict:
+def run_worker(name: str, device: str, folder: Path, checks: tuple[str, ...] = (),
+               quick: bool = False, whole_gate: bool = False) -> dict:
     out = folder / f"{name}.json"
     start = time.perf_counter()
+    flags = (["--quick"] if quick else []) + (["--whole-gate"] if whole_gate else [])
     try:
         proc = subprocess.run([sys.executable, "-m", "lockstep.ci.zoo.worker", name,
                                "--device", device, "--out", str(out),
-                               "--checks", ",".join(checks)],
+                               "--checks", ",".join(checks), *flags],
                               capture_output=True, text=True, timeout=WORKER_TIMEOUT_S)
     except subprocess.TimeoutExpired:
         return {"name": name, "error": f"worker ran past {WORKER_TIMEOUT_S} s"}
@@ -84,13 +88,15 @@ def run_zoo(options: ZooOptions) -> int:
             print(f"{name:40} {CLASSES[inj.bug_class]:28} {inj.summary}")
         return 0
     print(f"lockstep zoo: {len(names)} injections + the clean engine, device={options.device}, "
-          f"{options.jobs} at a time, checks: {','.join(options.checks) or 'the whole gate'}")
+          f"{options.jobs} at a time, checks: {','.join(options.checks) or 'the whole gate'}"
+          f"{' (--quick)' if options.quick else ''}"
+          f"{'; every check runs (the gate time when failing)' if options.whole_gate else ''}")
     print("| injection | class | caught by | seconds to catch |\n|---|---|---|---|")
     folder = Path(tempfile.mkdtemp(prefix="lockstep-zoo-"))
     start, results = time.perf_counter(), []
     with ThreadPoolExecutor(max_workers=max(1, options.jobs)) as pool:
-        futures = [pool.submit(run_worker, n, options.device, folder, options.checks)
-                   for n in ["clean", *names]]
+        futures = [pool.submit(run_worker, n, options.device, folder, options.checks,
+                               options.quick, options.whole_gate) for n in ["clean", *names]]
         for future in futures:
             r = future.result()
             results.append(r)
@@ -107,7 +113,8 @@ def run_zoo(options: ZooOptions) -> int:
     print("zoo: " + ("FAILED" if problems else "passed"))
     if options.json_path:
         Path(options.json_path).write_text(json.dumps(
-            {"device": options.device, "wall_s": wall, "median_s_to_catch": median,
+            {"device": options.device, "quick": options.quick,
+             "whole_gate": options.whole_gate, "wall_s": wall, "median_s_to_catch": median,
              "results": results, "problems": problems}, indent=2) + "\n")
     return 1 if problems else 0
 
@@ -121,4 +128,6 @@ def _row(r: dict) -> str:
     cls = CLASSES.get(r.get("class", ""), "?")
     caught = r.get("caught_by") or f"**{why}**"
     seconds = f"{r['seconds_to_catch']:.1f}" if "seconds_to_catch" in r else "-"
+    if "seconds_to_catch" in r and r.get("whole_gate"):
+        seconds += f" (whole gate {r['gate_s']:.1f})"
     return f"| {r['name']} | {cls} | {caught} | {seconds} |"

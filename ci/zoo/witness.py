@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 import sync_guard
 from lockstep.engine.config import EngineConfig
 from lockstep.engine.core import EngineCore
+from lockstep.property_tests.attribution import attribution_errors
 from lockstep.property_tests.driver import step_bound
 from lockstep.property_tests.engine_under_test import Mode, heartbeat
 from lockstep.property_tests.faults import Shot, injected
@@ -29,7 +30,8 @@ from lockstep.property_tests.workload import ClientCalls, Workload
 from ..targeted import TARGETED
 from ..watchdog import CheckHang
 
-KINDS = ("outputs", "crash", "hang", "leak", "sync", "race", "overlap", "wasted work")
+KINDS = ("outputs", "crash", "hang", "leak", "sync", "race", "overlap", "wasted work",
+         "timeline")
 SYNC = Mode(False, "sim", "eager")
 LAZY = Mode(True, "sim", "lazy")
 THREADED = Mode(True, "sim", "threaded")
@@ -65,6 +67,7 @@ class Outcome:
     stale_launches: int = 0
     steps: int = 0
     preemptions: int = 0
+    attribution: list[str] = field(default_factory=list)   # timeline spans on the wrong step
 
 
 def run_bare(workload: Workload, mode: Mode, fault: tuple[str, int] | None = None) -> Outcome:
@@ -93,6 +96,8 @@ def run_bare(workload: Workload, mode: Mode, fault: tuple[str, int] | None = Non
     outcome.steps, outcome.preemptions = core.num_steps, core.scheduler.num_preemptions
     if outcome.error is None and not outcome.hung:
         outcome.leak = _leak(core)
+        outcome.attribution = attribution_errors(core.timeline.host_spans,
+                                                 core.timeline.device_spans())
     return outcome
 
 
@@ -180,6 +185,8 @@ def departures(clean: Outcome, faulty: Outcome, contained: bool = False) -> dict
     if faulty.stale_launches > clean.stale_launches:
         found["overlap"] = (f"{faulty.stale_launches} launches after the previous step's device "
                             f"work had run (clean: {clean.stale_launches})")
+    if faulty.attribution and not clean.attribution:
+        found["timeline"] = faulty.attribution[0]
     errors = [k for k, v in faulty.outputs.items() if v[3] and not contained]
     if errors and not found.get("crash"):
         found["crash"] = f"request {errors[0][0]!r} ended with an error"

@@ -20,14 +20,15 @@ import time
 import torch
 
 
-def run(name: str, device: str, checks: tuple[str, ...] = ()) -> dict:
+def run(name: str, device: str, checks: tuple[str, ...] = (), quick: bool = False,
+        whole_gate: bool = False) -> dict:
     from lockstep.ci.gate import GateOptions, run_check, selected, validate
     from lockstep.ci.watchdog import CheckHang, watchdog
     from lockstep.property_tests import profiles
 
     from . import INJECTIONS, Patcher
     from .witness import demonstrate
-    out: dict = {"name": name}
+    out: dict = {"name": name, "whole_gate": whole_gate}
     if name != "clean":
         injection = INJECTIONS[name]
         out["class"] = injection.bug_class
@@ -44,8 +45,9 @@ def run(name: str, device: str, checks: tuple[str, ...] = ()) -> dict:
             out["demonstration_failed"] = str(exc)
         out["demonstration_s"] = time.perf_counter() - start
         injection.apply(Patcher())  # for the rest of this process: it is the process's purpose
-    options = GateOptions(device=device, stop_at_first_failure=name != "clean", stall_s=10,
-                          only=checks)
+    stop = name != "clean" and not whole_gate
+    options = GateOptions(device=device, stop_at_first_failure=stop, stall_s=10, only=checks,
+                          quick=quick)
     validate(options)
     profiles.load("ci")
     out["checks"], elapsed = [], 0.0
@@ -54,11 +56,11 @@ def run(name: str, device: str, checks: tuple[str, ...] = ()) -> dict:
         elapsed += result.seconds
         out["checks"].append({"name": result.name, "status": result.status,
                               "seconds": result.seconds})
-        if result.status == "fail":
+        if result.status == "fail" and "caught_by" not in out:
             out.update(caught_by=f"{result.name}: {result.detector}", seconds_to_catch=elapsed,
                        message=result.detail, replay=result.replay)
-            if name != "clean":
-                break
+        if result.status == "fail" and stop:
+            break
     out["gate_s"] = elapsed
     return out
 
@@ -69,13 +71,17 @@ def main() -> int:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--out", required=True)
     parser.add_argument("--checks", default="", help="comma-separated gate checks (default all)")
+    parser.add_argument("--quick", action="store_true", help="the gate's --quick")
+    parser.add_argument("--whole-gate", action="store_true",
+                        help="run every check, not only up to the first failure")
     args = parser.parse_args()
     torch.set_num_threads(1)
     for logger in ("sync_guard", "lockstep"):
         logging.getLogger(logger).setLevel(logging.CRITICAL)
     os.environ.setdefault("LOCKSTEP_REPLAY_DIR", tempfile.mkdtemp(prefix="lockstep-zoo-"))
     with contextlib.redirect_stdout(io.StringIO()):  # hypothesis' own reports
-        result = run(args.name, args.device, tuple(c for c in args.checks.split(",") if c))
+        result = run(args.name, args.device, tuple(c for c in args.checks.split(",") if c),
+                     args.quick, args.whole_gate)
     with open(args.out, "w") as f:
         json.dump(result, f)
     return 0
