@@ -215,11 +215,13 @@ def check_faults(options: GateOptions) -> str:
     from lockstep.property_tests import faults
     modes = (faults.SIM_FAULT_MODES[0], faults.SIM_FAULT_MODES[2]) if options.quick else \
         faults.SIM_FAULT_MODES
+    from lockstep.property_tests.fault_machine import run_fault_machine
     report = faults.fault_sweep(modes=modes)
     random = _property(faults.random_faults_property(modes), options)
+    machine = run_fault_machine(settings(max_examples=QUICK_EXAMPLES) if options.quick else None)
     return (f"{report.faults} swept faults, 7 phases, {len(modes)} sim modes "
             f"({report.bystander_faults} with a request's tokens in flight outside the failing "
-            f"step); random: {random} (oracle)")
+            f"step); random: {random}; fault machine: {machine} (oracle)")
 
 
 def check_graphs_cuda(options: GateOptions) -> str:

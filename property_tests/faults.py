@@ -50,7 +50,7 @@ SIM_FAULT_MODES = (Mode(False, "sim", "eager"), Mode(True, "sim", "eager"),
                    Mode(True, "sim", "skewed", collect="eager"),
                    Mode(True, "sim", "lazy", output_wait="poll"))
 MAX_SWEEP_CALLS = 24
-_ERROR_STEP = re.compile(r"step (\d+) failed in (\w+)")
+ERROR_STEP = re.compile(r"step (\d+) failed in (\w+)")
 
 
 class InjectedFault(RuntimeError):
@@ -211,7 +211,7 @@ def check_fault(workload: Workload, mode: Mode, shot: Shot, reference: RunRecord
     errors = {key: r for key, r in record.results.items() if r.finish_reason == "error"}
     steps = set()
     for key, result in errors.items():
-        found = _ERROR_STEP.search(result.error or "")
+        found = ERROR_STEP.search(result.error or "")
         if "InjectedFault" not in (result.error or "") or not found:
             raise FaultContractError(f"{where}: request {key[0]!r} ended with an error that "
                                      f"does not name the injected fault: {result.error!r}")
@@ -245,7 +245,7 @@ def check_fault(workload: Workload, mode: Mode, shot: Shot, reference: RunRecord
                 f"{where}: untouched request {key[0]!r}: expected {ref.token_ids} "
                 f"({ref.finish_reason}), got "
                 f"{'no final output' if got is None else (got.token_ids, got.finish_reason)}")
-    _check_nothing_held(engine, where)
+    check_nothing_held(engine, where)
     try:
         fresh = drive(Workload(workload.engine, (fresh_request(workload.engine),)), engine,
                       f"{where}, then fresh", engine.eos_token_ids)
@@ -256,11 +256,12 @@ def check_fault(workload: Workload, mode: Mode, shot: Shot, reference: RunRecord
     if (got.token_ids, got.finish_reason) != (ref.token_ids, ref.finish_reason):
         raise FaultContractError(f"{where}: a fresh request afterwards gave {got.token_ids} "
                                  f"({got.finish_reason}), alone it gives {ref.token_ids}")
-    _check_nothing_held(engine, f"{where}, after the fresh request")
+    check_nothing_held(engine, f"{where}, after the fresh request")
     return shot
 
 
-def _check_nothing_held(engine: LockstepEngine, where: str) -> None:
+def check_nothing_held(engine: LockstepEngine, where: str) -> None:
+    """Once every request ended: no KV block, request, step in flight or slot is held."""
     core = engine.core
     if core.kv.num_free_blocks != core.kv.pool.num_blocks:
         raise FaultContractError(f"{where}: {core.kv.pool.num_blocks - core.kv.num_free_blocks}"

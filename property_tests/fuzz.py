@@ -6,12 +6,14 @@ profile with seeds of its own for ``--minutes`` (counted from when it is ready).
 ``max_examples``, on a failure or at the deadline; after a failure the worker starts a fresh run
 without the reuse phase, so that it looks for new failures instead of re-shrinking the one it
 knows. When ``machine.py`` exposes ``TestEngineMachine``, workers alternate turns between the
-differential and that machine. All workers share one example database, a folder or Redis
-(``redis://HOST:PORT``, to share across machines); since they run the very tests the suite runs,
-``pytest`` with that database replays what a session found. Workers count examples and hard
-states by wrapping ``check_workload`` and ``event`` in their own process, and report through a
-queue. Exit status: 0 when nothing failed, 1 (with the replay files) when something did, 2 for
-a bad option.
+differential and that machine; on Lockstep's own engine, also the random-fault property
+("faults") and the stateful machine with faults ("fault_machine",
+:mod:`~lockstep.property_tests.fault_machine`). All workers share one example database, a
+folder or Redis (``redis://HOST:PORT``, to share across machines); since they run the very
+tests the suite runs, ``pytest`` with that database replays what a session found. Workers count
+examples and hard states by wrapping ``check_workload`` and ``event`` in their own process, and
+report through a queue. Exit status: 0 when nothing failed, 1 (with the replay files) when
+something did, 2 for a bad option.
 """
 from __future__ import annotations
 
@@ -79,9 +81,10 @@ def _count(tallies: list[_Tally], what: str, target: str = "") -> Any:
 def _progress(tallies: list[_Tally], elapsed: float) -> str:
     n, m = _count(tallies, "examples", "differential"), _count(tallies, "examples", "machine")
     f = _count(tallies, "examples", "faults")
+    fm = _count(tallies, "examples", "fault_machine")
     top = _count(tallies, "states").most_common(3)
     return (f"[{elapsed:6.1f}s] {n:.0f} examples{f' + {m:.0f} machine' if m else ''}"
-            f"{f' + {f:.0f} faults' if f else ''} "
+            f"{f' + {f:.0f} faults' if f else ''}{f' + {fm:.0f} fault machine' if fm else ''} "
             f"({n / elapsed:.2f}/s), {sum(len(t.failures) for t in tallies)} failures | "
             + (", ".join(f"{s} {c}" for s, c in top) or "-"))
 
@@ -96,7 +99,7 @@ def summary(tallies: list[_Tally], elapsed: float, modes: int) -> str:
     rows.append(("total", str(d), str(m), str(f)))
     widths = [max(len(r[c]) for r in rows) for c in range(4)]
     lines = ["  ".join(cell.rjust(w) for cell, w in zip(row, widths)) for row in rows]
-    for target in ("differential", "machine", "faults"):
+    for target in ("differential", "machine", "faults", "fault_machine"):
         n, busy = _count(tallies, "examples", target), _count(tallies, "seconds", target)
         rate = n / max(busy, 1e-9) * len(tallies)   # as if every worker ran it all the time
         if n or target == "differential":

@@ -1,6 +1,7 @@
-"""One ``lockstep fuzz`` worker process: turns of hypothesis runs (the differential, and the
-stateful machine when there is one), each failure reported with its replay file; a worker whose
-CUDA context is lost ends so that the session starts a fresh process in its place."""
+"""One ``lockstep fuzz`` worker process: turns of hypothesis runs (the differential, the
+stateful machine when there is one, and on Lockstep's engine the random-fault property and the
+machine with faults), each failure reported with its replay file; a worker whose CUDA context
+is lost ends so that the session starts a fresh process in its place."""
 from __future__ import annotations
 
 import contextlib
@@ -57,14 +58,19 @@ class _Worker:
         self.reference, self.modes = engine_modes(self.factory, config.device)
         self.default = config.engine == "lockstep" and config.device == "cpu"
         self.machine = self._load_machine()
+        self.fault_machine: type | None = None
         if self.default:   # Lockstep's own engine: its step phases take injected faults too
-            from . import faults
+            from . import fault_machine, faults
             check_fault = faults.check_fault
 
             def observed_fault(*args: Any, **kwargs: Any) -> Any:
                 self._example("faults")
                 return check_fault(*args, **kwargs)
             faults.check_fault = observed_fault
+            # and the stateful machine with injected faults, a target of its own
+            self.fault_machine = fault_machine.FaultMachine
+            self._count_programs(self.fault_machine, "fault_machine")
+            fault_machine.event = self._event
 
     def _event(self, value: str, payload: Any = "") -> None:
         self.states[str(value)] += 1
@@ -86,17 +92,22 @@ class _Worker:
             return None
         if case is None or not isinstance(cls, type):
             return None
+        self._count_programs(cls, "machine")
+        if hasattr(module, "event"):
+            setattr(module, "event", self._event)
+        return cls
+
+    def _count_programs(self, cls: type, target: str) -> None:
+        """Count each program of machine ``cls`` (not of its subclasses) as a ``target``
+        example."""
         init = cls.__init__  # type: ignore[misc]
 
         def observed_init(machine: Any, *args: Any, **kwargs: Any) -> None:
-            self._example("machine")
+            if type(machine) is cls:
+                self._example(target)
             init(machine, *args, **kwargs)
 
         cls.__init__ = observed_init  # type: ignore[misc]
-        if hasattr(module, "event"):
-            setattr(module, "event", self._event)
-        self.machine_settings = case.settings
-        return cls
 
     def _example(self, target: str) -> None:
         if time.time() >= self.turn_end:
@@ -120,7 +131,7 @@ class _Worker:
     def run(self) -> None:
         """Turns of hypothesis runs (differential, machine, ...) for ``--minutes`` from now."""
         targets = ["differential"] + (["machine"] if self.machine else []) + \
-            (["faults"] if self.default else [])
+            (["faults", "fault_machine"] if self.default else [])
         seconds = self.config.minutes * 60
         turn_s = min(TURN_S, max(10.0, seconds / 4)) if len(targets) > 1 else math.inf
         deadline, run = time.time() + seconds, 0
@@ -136,7 +147,8 @@ class _Worker:
         os.environ[self.props.REPLAY_DIR_ENV] = str(run_dir)
         skip = Phase.reuse if target in self.failed else None
         phases = [p for p in self.profile.phases if p is not skip]
-        parent = self.machine_settings if target == "machine" else self.profile
+        machine = {"machine": self.machine, "fault_machine": self.fault_machine}.get(target)
+        parent = self.profile if machine is None else machine.TestCase.settings
         # applied after seed(), which would otherwise turn the shared database off
         chosen = settings(parent, database=self.database, derandomize=False, phases=phases,
                           max_examples=self.profile.max_examples)
@@ -144,9 +156,9 @@ class _Worker:
         self.failure, self.failed_at, first = None, None, self.examples[target]
         error: BaseException | None = None
         try:
-            if target == "machine" and self.machine:
+            if machine is not None:
                 from hypothesis.stateful import run_state_machine_as_test
-                run_state_machine_as_test(seed(run_seed)(self.machine), settings=chosen)
+                run_state_machine_as_test(seed(run_seed)(machine), settings=chosen)
             elif target == "faults":
                 from .faults import random_faults_property
                 chosen(seed(run_seed)(random_faults_property()))()

@@ -24,10 +24,10 @@ from .capabilities import Capabilities, narrow_params
 from .comparator import compare_runs
 from .differential import is_exact, run_solo
 from .driver import RunRecord
-from .engine_under_test import SYNC, EngineFactory, Mode, lockstep_engine
+from .engine_under_test import SYNC, EngineFactory, EngineUnderTest, Mode, lockstep_engine
 from .invariants import InvariantViolation, OutputRules
 from .live import LiveRequests, RequestResult
-from .properties import failure, replay_dir
+from .properties import PropertyFailure, failure, replay_dir
 from .strategies import prompts, sampling_params
 from .workload import AbortSpec, EngineSpec, RequestSpec, Workload
 
@@ -64,7 +64,7 @@ class EngineMachine(RuleBasedStateMachine):
         need = -(-52 // block_size)
         self.spec = EngineSpec(block_size=block_size, num_kv_blocks=need + extra_blocks,
                                max_num_batched_tokens=budget, max_num_seqs=max_num_seqs)
-        self.engines = {m.name: self.factory(self.spec, m) for m in self.modes}
+        self.engines = {m.name: self.make_engine(m) for m in self.modes}
         self.live = {name: LiveRequests(name) for name in self.engines}
         self.results: dict[str, dict[tuple[str, int], RequestResult]] = {
             name: {} for name in self.engines}
@@ -131,8 +131,9 @@ class EngineMachine(RuleBasedStateMachine):
             if not any(e.has_unfinished() for e in self.engines.values()):
                 return
             self.step()
-        raise InvariantViolation(f"not idle after {DRAIN_BOUND} steps: "
-                                 f"{ {n: live.unfinished() for n, live in self.live.items()} }")
+        stuck = [f"{n}: unfinished {self.live[n].unfinished()}, stats {e.stats()}"
+                 for n, e in self.engines.items() if e.has_unfinished()]
+        self._fail(InvariantViolation(f"not idle after {DRAIN_BOUND} steps: {'; '.join(stuck)}"))
 
     @invariant()
     def idle_engines_hold_no_blocks(self) -> None:
@@ -140,7 +141,7 @@ class EngineMachine(RuleBasedStateMachine):
             stats = engine.stats()
             if not engine.has_unfinished() and stats.get("num_free_blocks") != stats.get(
                     "num_total_blocks"):
-                raise InvariantViolation(f"{name}: idle but KV blocks are held: {stats}")
+                self._fail(InvariantViolation(f"{name}: idle but KV blocks are held: {stats}"))
 
     def teardown(self) -> None:
         if not hasattr(self, "engines"):
@@ -166,6 +167,10 @@ class EngineMachine(RuleBasedStateMachine):
                 compare_runs(reference, record, workload, exact, path)
         compare_runs(run_solo(workload, self.factory, mode=self.modes[0]), reference, workload,
                      exact, path)
+        self._record_states(workload)
+
+    def _record_states(self, workload: Workload) -> None:
+        """Tell hypothesis which hard states this program reached."""
         for state, reached in (("machine: preempted", self.preempts or any(
                 e.stats().get("num_preemptions") for e in self.engines.values())),
                 ("machine: reused an id", len({r.request_id for r in self.requests})
@@ -176,11 +181,18 @@ class EngineMachine(RuleBasedStateMachine):
                 event(state)
 
     def _fail(self, exc: BaseException) -> None:
-        """Save the history as a replay file and raise the failure with its path."""
+        """Save the history as a replay file and raise the failure with its path (a failure
+        raised so already goes on as it is)."""
+        if isinstance(exc, PropertyFailure):
+            raise exc
         self.failed = True
         raise failure(exc, self.workload(), self.replay_path, self.factory) from exc
 
     # -- helpers ------------------------------------------------------------------------------
+
+    def make_engine(self, mode: Mode) -> EngineUnderTest:
+        """The engine for ``mode`` (the factory's; a subclass may wrap it)."""
+        return self.factory(self.spec, mode)
 
     @property
     def caps(self) -> Capabilities:

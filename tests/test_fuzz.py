@@ -230,3 +230,30 @@ def test_a_restarted_workers_counts_add_to_those_of_its_lost_process():
     assert (tally.examples, tally.seconds, tally.states) == (
         {"differential": 11}, {"differential": 4.0}, {"a": 2, "b": 1})
     assert "goes on in a fresh process" in stream.getvalue()
+
+
+def test_the_fault_machine_is_a_target_of_its_own_counting_its_programs(tmp_path, monkeypatch):
+    import queue
+
+    from hypothesis import settings
+
+    from lockstep.property_tests import fault_machine, faults, machine, properties
+    from lockstep.property_tests.fuzz_config import FuzzConfig
+    from lockstep.property_tests.fuzz_worker import _Worker
+    # a worker patches these in its own process: here they come back after the test
+    for owner, name in [(properties, "check_workload"), (properties, "event"),
+                        (faults, "check_fault"), (machine, "event"), (fault_machine, "event"),
+                        (machine.EngineMachine, "__init__"),
+                        (fault_machine.FaultMachine, "__init__")]:
+        monkeypatch.setattr(owner, name, getattr(owner, name))
+    monkeypatch.setenv(properties.REPLAY_DIR_ENV, str(tmp_path / "replays"))
+    config = FuzzConfig(minutes=1, workers=1, db=str(tmp_path / "db"), out=tmp_path / "out")
+    worker = _Worker(0, config, "seed", queue.Queue(), tmp_path / "out")
+    worker.profile = settings(worker.profile, max_examples=3)   # short runs, no deadline
+    before = fault_machine._tally.programs
+    worker._run("fault_machine", 0)
+    ran = fault_machine._tally.programs - before
+    # its programs count as its own examples, not as the plain machine's
+    assert ran >= 3 and worker.examples == {"fault_machine": ran}, (ran, worker.examples)
+    assert fault_machine.event == worker._event   # its hard states are counted too
+    assert not worker.failed and not list((tmp_path / "out").glob("run-*/*.json"))
