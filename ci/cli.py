@@ -56,11 +56,21 @@ def main(argv: list[str] | None = None) -> int:
     bench.add_argument("--repeats", type=int, default=5, help="alternated repetitions")
     bench.add_argument("--no-transformers", action="store_true",
                        help="skip the transformers generate baselines (eager and static cache)")
-    bench.add_argument("--peers", default="transformers_eager,transformers_static",
-                       help="which transformers baselines to run (comma-separated)")
+    bench.add_argument("--peers", default=None,
+                       help="which transformers baselines to run (comma-separated; default "
+                            "transformers_eager,transformers_static, with --traffic "
+                            "transformers_cb)")
     bench.add_argument("--out", default=None, help="write the results as JSON here")
     bench.add_argument("--plot", default=None, metavar="FILE.png",
                        help="draw TPOT against batch size (needs matplotlib)")
+    bench.add_argument("--traffic", action="store_true",
+                       help="serving traffic instead: request streams of mixed lengths arriving "
+                            "over time; sync, async, async before the admission fix, and "
+                            "transformers' continuous batching (peer: transformers_cb)")
+    bench.add_argument("--mixes", default="long,short",
+                       help="with --traffic: the traffic mixes (long, short, tiny)")
+    bench.add_argument("--peer-repeats", type=int, default=1,
+                       help="with --traffic: runs of the transformers peer per mode")
     guard = sub.add_parser("guard-bench", help="decode TPOT with sync_guard armed vs off")
     guard.add_argument("--device", default="cuda", choices=["cpu", "cuda"])
     guard.add_argument("--batch-sizes", default="1,8")
@@ -147,11 +157,20 @@ def main(argv: list[str] | None = None) -> int:
             run_guard_bench(device=args.device, shape=args.shape, out=args.out,
                             batch_sizes=batch_sizes, repeats=args.repeats)
             return 0
+        if args.traffic:
+            from .bench_traffic import TrafficOptions, run_traffic_bench
+            peers = "" if args.no_transformers else args.peers or "transformers_cb"
+            run_traffic_bench(TrafficOptions(
+                args.device, args.shape, tuple(m for m in args.mixes.split(",") if m),
+                args.repeats, tuple(p for p in peers.split(",") if p), args.peer_repeats,
+                args.out, args.plot))
+            return 0
         from .bench import run_bench
         run_bench(BenchOptions(args.device, batch_sizes, args.shape, args.short, args.long,
                                args.repeats, args.out, args.plot,
-                               () if args.no_transformers else
-                               tuple(p for p in args.peers.split(",") if p)))
+                               () if args.no_transformers else tuple(
+                                   p for p in (args.peers or "transformers_eager,"
+                                               "transformers_static").split(",") if p)))
     except BenchUsageError as exc:
         return _usage_error(args.command, exc)
     return 0

@@ -144,9 +144,25 @@ def retiring() -> Workload:
     return retiring_workload()
 
 
+def turnover() -> Workload:
+    """Constant turnover: 20 short requests (max_tokens 1 and 2 alternating, penalties and seeds
+    on some) beside one of 12 tokens, ``max_num_seqs`` 4. At every step some request's last
+    token is in flight: async must admit as sync does (the occupancy rule), and the slots of
+    retiring requests (more than ``max_num_seqs`` live at once) must keep their penalty state
+    apart."""
+    requests = [RequestSpec("long", _prompt(9, 29, 3), P(temperature=0.0, max_tokens=12,
+                                                         ignore_eos=True))]
+    for i in range(20):
+        requests.append(RequestSpec(f"t{i}", _prompt(3 + 3 * (i % 3), 31 + i, i), P(
+            temperature=0.9 * (i % 2), seed=60 + i, max_tokens=1 + i % 2, ignore_eos=True,
+            repetition_penalty=1.0 + 0.4 * (i % 4 == 1), frequency_penalty=1.0 * (i % 4 == 3))))
+    return Workload(EngineSpec(block_size=4, max_num_batched_tokens=16, max_num_seqs=4),
+                    tuple(requests))
+
+
 TARGETED = {f.__name__: f for f in (mixed_batch, tight_cache, stops_in_flight, reused_ids,
                                     aborts, client_orders, forced_preemption, slot_reuse,
-                                    edge_lengths, retiring)}
+                                    edge_lengths, retiring, turnover)}
 
 
 def targeted_workloads(model: str | None = "oracle") -> dict[str, Workload]:

@@ -83,6 +83,18 @@ class EngineConfig:
         if self.device == "cuda" and not torch.cuda.is_available():
             raise ValueError("device='cuda' but no CUDA device is available")
 
+    @property
+    def queue_depth(self) -> int:
+        """Steps in flight at most: 2 with async scheduling (one launched, one collected)."""
+        return 2 if self.async_scheduling else 1
+
+    @property
+    def num_slots(self) -> int:
+        """Rows of the per-slot device state (penalty counts, last sampled id). A retiring
+        request (its last token in flight) holds its slot until that step is collected but no
+        admission capacity, so up to ``max_num_seqs`` requests per step in flight hold one."""
+        return self.max_num_seqs * self.queue_depth
+
     def resolve_max_model_len(self, model_max_len: int) -> int:
         """Fix ``max_model_len`` against the model's limit; returns the value in force."""
         if self.max_model_len is None:

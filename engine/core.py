@@ -81,7 +81,7 @@ class EngineCore:
         self._num_added = 0
         self._pending_outputs: list[RequestOutput] = []
         self._in_flight: deque[tuple[int, SchedulerOutput, PendingOutput]] = deque()
-        self._queue_depth = 2 if config.async_scheduling else 1
+        self._queue_depth = config.queue_depth
         self._collect_early = config.collect == "eager"
         self._owner_lock = threading.Lock()
         self._owner: tuple[int, str, str] | None = None  # (thread id, call, thread name)

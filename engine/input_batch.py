@@ -1,6 +1,7 @@
 """The persistent input batch: stable per-request slots and the step's device inputs.
 
-Each running request owns a slot (``0..max_num_seqs-1``) for as long as it holds KV blocks; the
+Each running request owns a slot (``0..num_slots-1``; ``EngineConfig.num_slots``: a retiring
+request keeps its slot, not its admission capacity) for as long as it holds KV blocks; the
 device-side per-slot state (penalty token counts, last sampled id) is indexed by it. ``prepare``
 turns a scheduler output into flat token arrays, attention metadata and sampling parameters, and
 ships them to the device through two staging buffers (one int64, one float32).
@@ -82,7 +83,7 @@ class InputBatch:
     def __init__(self, config: EngineConfig, device: Device) -> None:
         self.block_size = config.block_size
         self.slot_of: dict[str, int] = {}
-        self._free_slots = list(range(config.max_num_seqs - 1, -1, -1))
+        self._free_slots = list(range(config.num_slots - 1, -1, -1))
         tokens, rows = config.max_num_batched_tokens, config.max_num_seqs
         blocks = -(-config.max_model_len // config.block_size)
         self.ints = device.host_buffer(6 * tokens + rows * (blocks + 8), torch.int64)

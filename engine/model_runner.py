@@ -144,7 +144,8 @@ def check_sizes(config: EngineConfig, model: torch.nn.Module, device: Device, vo
     staging = (6 * tokens + rows * (blocks_per_seq + 8)) * 8 + 6 * rows * 4
     wants = [  # (the fields, bytes, what, on the device)
         (f"block_size={config.block_size}", block, "one KV cache block", True),
-        (f"max_num_seqs={rows}", rows * (vocab_size * 5 + 8), "per-slot sampling state", True),
+        (f"max_num_seqs={rows}", config.num_slots * (vocab_size * 5 + 8),
+         "per-slot sampling state", True),
         (f"max_num_batched_tokens={tokens}", 6 * tokens * 8 * 2, "staging buffers", False),
         (f"max_num_seqs={rows}", staging, "staging buffers", False),
         (f"{blocks_named}={getattr(config, blocks_named)} with block_size={config.block_size}",
@@ -181,9 +182,10 @@ class ModelRunner:
         # one block past the pool: the scratch block that CUDA-graph padding rows write to
         self.kv_cache = device.zeros(*model.kv_cache_shape(num_blocks + 1, config.block_size),
                                      dtype=model.kv_cache_dtype)
-        self.output_counts = device.zeros(config.max_num_seqs, vocab_size, dtype=torch.int32)
-        self.prompt_mask = device.zeros(config.max_num_seqs, vocab_size, dtype=torch.bool)
-        self.last_sampled = device.zeros(config.max_num_seqs, dtype=torch.int64)
+        slots = config.num_slots   # rows of per-slot state; CUDA graphs stay keyed by step rows
+        self.output_counts = device.zeros(slots, vocab_size, dtype=torch.int32)
+        self.prompt_mask = device.zeros(slots, vocab_size, dtype=torch.bool)
+        self.last_sampled = device.zeros(slots, dtype=torch.int64)
         self.input_batch = InputBatch(config, device)
         self.poll = config.output_wait == "poll"
         self.graphs = None

@@ -60,6 +60,7 @@ class Scheduler:
     def schedule(self) -> SchedulerOutput:
         budget = self.config.max_num_batched_tokens
         rows: list[ScheduledRow] = []
+        active = self._places_taken()  # before this step's rows: a last row still takes one
         preempted = False
         i = 0
         while i < len(self.running) and budget > 0:
@@ -80,7 +81,7 @@ class Scheduler:
             budget -= num_new
             i += 1
         while (self.waiting and not preempted and budget > 0
-               and len(self.running) < self.config.max_num_seqs):
+               and active < self.config.max_num_seqs):
             req = self.waiting[0]
             if req.num_placeholders:  # preempted with a step in flight: wait for its token
                 break
@@ -90,13 +91,24 @@ class Scheduler:
             self.waiting.popleft()
             req.status = RequestStatus.RUNNING
             self.running.append(req)
+            active += 1
             rows.append(self._schedule_row(req, num_new, is_new=True))
             budget -= num_new
         freed, self._freed = self._freed, []
         return SchedulerOutput(rows, freed)
 
+    def _places_taken(self) -> int:
+        """Running requests that count against ``max_num_seqs``: a retiring request (every
+        token scheduled, the last in flight) runs no more rows, so it holds its slot and blocks
+        until that step is collected, not a place (async would admit late at each turnover)."""
+        return sum(not self._retiring(r) for r in self.running)
+
+    @staticmethod
+    def _retiring(req: Request) -> bool:
+        return req.num_output_tokens_with_placeholders >= req.sampling_params.max_tokens
+
     def _tokens_to_schedule(self, req: Request) -> int:
-        if req.num_output_tokens_with_placeholders >= req.sampling_params.max_tokens:
+        if self._retiring(req):
             return 0
         return req.num_tokens_with_placeholders - req.num_computed_tokens
 

@@ -22,6 +22,8 @@ from .comparator import Comparison, compare_runs
 from .driver import RequestResult, RunRecord, drive
 from .capabilities import capabilities_of
 from .engine_under_test import ASYNC_MODES, SYNC, EngineFactory, Mode, lockstep_engine
+from .invariants import InvariantViolation
+from .occupancy import occupancy_applies, occupancy_errors
 from .workload import EngineSpec, RequestSpec, Workload
 
 SOLO_CACHE_SIZE = 4096
@@ -101,11 +103,20 @@ def run_differential(workload: Workload, modes: tuple[Mode, ...] = ASYNC_MODES,
                 workload, mode, factory, guard)
             report.runs[mode.name] = run
             report.comparisons[mode.name] = compare_runs(reference, run, workload, exact, replay)
+            if mode.async_scheduling and occupancy_applies(workload, reference, run):
+                _check_occupancy(reference, run)
     if solo:
         # solo runs witness token streams; the batched runs above already ran this code guarded
         alone = report.runs["solo"] = run_solo(workload, factory, guard=False, mode=sync)
         report.comparisons["solo"] = compare_runs(alone, reference, workload, exact, replay)
     return report
+
+
+def _check_occupancy(sync: RunRecord, run: RunRecord) -> None:
+    """Async runs no more and no smaller steps than sync (:mod:`.occupancy`)."""
+    problems = occupancy_errors(sync.stats["rows_per_step"], run.stats["rows_per_step"])
+    if problems:
+        raise InvariantViolation(f"{run.name}: occupancy: {'; '.join(problems)}")
 
 
 def solo_spec(spec: EngineSpec, request: RequestSpec) -> EngineSpec:

@@ -30,6 +30,7 @@ class EngineInvariants:
         self.overlapped_launches = 0
         self.launches_after_forced_wait = 0
         self.attributed_steps = 0
+        self.rows_per_step: list[int] = []   # of each launched step (the occupancy rule)
         self._launched: list[int] = []   # launched since the timeline was last checked
         self._violations: list[str] = []
         cfg = core.config
@@ -48,6 +49,7 @@ class EngineInvariants:
             previous = core._in_flight[-1] if self._watch_overlap and core._in_flight else None
             pending = execute(runner, sched, block_tables, step)
             self._launched.append(step)
+            self.rows_per_step.append(len(sched.rows))
             if previous is not None:
                 self._check_overlap(previous, step)
             return pending
@@ -57,7 +59,8 @@ class EngineInvariants:
 
     def counters(self) -> dict:
         return {"overlapped_launches": self.overlapped_launches,
-                "attributed_steps": self.attributed_steps}
+                "attributed_steps": self.attributed_steps,
+                "rows_per_step": list(self.rows_per_step)}
 
     def check(self) -> None:
         core, problems = self.core, self._violations
@@ -78,7 +81,7 @@ class EngineInvariants:
                             f"blocks")
         batch = core.runner.input_batch
         slots = list(batch.slot_of.values()) + batch._free_slots
-        if sorted(slots) != list(range(core.config.max_num_seqs)):
+        if sorted(slots) != list(range(core.config.num_slots)):
             problems.append(f"slots not conserved: in use {sorted(batch.slot_of.values())}, "
                             f"free {sorted(batch._free_slots)}")
         stale = set(batch.slot_of) - live - set(sched._freed)  # freed ones go at next schedule

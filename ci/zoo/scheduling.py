@@ -51,6 +51,26 @@ def collect_only_when_queue_full(patch) -> None:
     patch.setattr(EngineCore, "_step", _step_collecting_only_when_full)
 
 
+def _places_taken_by_every_running_request(self):
+    return len(self.running)  # BUG: a retiring request holds its place until it is collected
+
+
+@injection("placeholders", ("vllm-project/vllm#45257 (max_num_seqs counted requests whose last "
+                            "token was in flight: prefill nodes with max_tokens=1 ran below it); "
+                            "vllm-project/vllm#45339",),
+           Witness("turnover", LAZY, ("wasted work",)))
+def admission_counts_retiring_requests(patch) -> None:
+    """Scheduler admission counts every running request against ``max_num_seqs``, including
+    the ones whose last token is in flight.
+
+    The old admission check. In sync mode a retiring request is collected before the next
+    schedule, so nothing changes; in async mode it stays in ``running`` for one more step with
+    no rows, so at every turnover the engine admits late: smaller steps, or an empty schedule,
+    and more steps for the same tokens. Tokens stay right. Async only.
+    """
+    patch.setattr(Scheduler, "_places_taken", _places_taken_by_every_running_request)
+
+
 def _preempt_dropping_placeholders(self, req):
     _real_preempt(self, req)
     req.num_placeholders = 0  # BUG: the step in flight still owes this request its token
