@@ -18,6 +18,10 @@ Checks, in order (cheapest and most targeted first; ``--quick`` keeps the ones m
 * with ``--device cuda``, ``targeted-cuda`` and ``property-cuda`` first (the same on the GPU,
   oracle), ``graphs-cuda`` (poisoned CUDA-graph static buffers: :mod:`lockstep.ci.graph_poison`) and ``perf`` last (:mod:`lockstep.ci.perf`).
 
+A check the watchdog stops (a hang) fails, and the checks after it are reported "skipped",
+not run: the hung engine's threads may still be spinning (a busy poll in a device thread), and
+every later check would be slowed by them without end.
+
 A check that fails prints the detector that caught it, the first lines of the message and the
 replay command; ``--json`` and ``--junit-xml`` write the same for CI systems. Exit status: 0
 passed, 1 a check failed, 2 a usage or environment error (reported before any check runs).
@@ -163,21 +167,26 @@ def run_gate(options: GateOptions) -> int:
         perf = "" if options.device == "cpu" else ", perf its own model"
         print(f"  on the model: {', '.join(on_model) or 'none'}; the others always use the "
               f"oracle (exact comparisons){perf}")
+    hung = None
     for check in checks:
-        if check.any_engine or not options.foreign:
+        if hung is not None:   # its engine threads may still spin: later checks prove nothing
+            outcome = CheckResult(check.name, "skipped", 0.0, f"not run: check {hung!r} hung, "
+                                  f"and its engine's threads may still be running")
+        elif check.any_engine or not options.foreign:
             with capped_shrinking(SHRINK_CAP_S):
                 outcome = run_check(check, options)
         else:
             outcome = CheckResult(check.name, "n/a", 0.0,
                                   f"checks Lockstep's own engine, not {options.engine}")
         result.checks.append(outcome)
+        hung = hung or (outcome.name if outcome.hung else None)
         print(outcome.line())
         for line in outcome.report_lines(MESSAGE_LINES):
             print(f"        {line}")
         if outcome.status == "fail" and options.stop_at_first_failure:
             break
     passed = sum(c.status == "pass" for c in result.checks)
-    ran = sum(c.status != "n/a" for c in result.checks)
+    ran = sum(c.status not in ("n/a", "skipped") for c in result.checks)
     print(f"gate: {'passed' if result.passed else 'FAILED'} ({passed}/{ran}) "
           f"in {result.seconds:.0f} s")
     if options.json_path:
@@ -194,7 +203,8 @@ def run_check(check: Check, options: GateOptions) -> CheckResult:
             detail = check.run(options)
         return CheckResult(check.name, "pass", time.perf_counter() - start, detail)
     except (Exception, CheckHang) as exc:  # every failure is this check's, not the gate's
-        return CheckResult(check.name, "fail", time.perf_counter() - start, *classify(exc))
+        return CheckResult(check.name, "fail", time.perf_counter() - start, *classify(exc),
+                           hung=isinstance(exc, CheckHang))
 
 
 # in running order: on cuda the GPU's own checks first, the CPU's after, perf last

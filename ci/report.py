@@ -41,12 +41,13 @@ def classify(exc: BaseException) -> tuple[str, str, str, str | None]:
 @dataclass
 class CheckResult:
     name: str
-    status: str            # "pass", "fail", or "n/a" (the check does not apply to the engine)
+    status: str   # "pass", "fail", "n/a" (it does not apply to the engine), "skipped" (not run)
     seconds: float
     detail: str
     detector: str | None = None
     message: str | None = None
     replay: str | None = None
+    hung: bool = False     # the watchdog stopped it: engine threads may still be running
 
     def line(self) -> str:
         what = f"caught by {self.detector}" if self.status == "fail" else self.detail
@@ -75,7 +76,7 @@ class GateResult:
 
     @property
     def passed(self) -> bool:
-        ran = [c for c in self.checks if c.status != "n/a"]
+        ran = [c for c in self.checks if c.status not in ("n/a", "skipped")]
         return bool(ran) and all(c.status == "pass" for c in ran)
 
     @property
@@ -96,7 +97,7 @@ class GateResult:
     def write_junit(self, path: str) -> None:
         """One <testsuite> of one <testcase> per check, as CI systems read JUnit XML."""
         failures = sum(c.status == "fail" for c in self.checks)
-        skipped = sum(c.status == "n/a" for c in self.checks)
+        skipped = sum(c.status in ("n/a", "skipped") for c in self.checks)
         suite = ET.Element("testsuite", name="lockstep gate", tests=str(len(self.checks)),
                            failures=str(failures), errors="0", skipped=str(skipped),
                            time=f"{self.seconds:.3f}",
@@ -112,7 +113,7 @@ class GateResult:
                 failure = ET.SubElement(case, "failure", type=c.detector or "failure",
                                         message=c.detail)
                 failure.text = "\n".join(c.report_lines(40))
-            elif c.status == "n/a":
+            elif c.status in ("n/a", "skipped"):
                 ET.SubElement(case, "skipped", message=c.detail)
             else:
                 ET.SubElement(case, "system-out").text = c.detail

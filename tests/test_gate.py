@@ -105,6 +105,19 @@ def test_a_hang_becomes_a_failure_naming_the_check_and_step(monkeypatch, capsys)
     assert "in get_output" in out or "_get_output_polling" in out
 
 
+def test_checks_after_a_hang_are_skipped_not_timed(monkeypatch, capsys, tmp_path):
+    INJECTIONS["collect_polls_instead_of_waiting"].apply(monkeypatch)
+    junit = tmp_path / "gate.xml"
+    code = run_gate(GateOptions(only=("targeted", "generate"), stall_s=2,
+                                junit_path=str(junit)))
+    out = capsys.readouterr().out
+    assert code == 1
+    assert "SKIPPED  generate" in out and "not run: check 'targeted' hung" in out, out
+    assert "gate: FAILED (0/1)" in out
+    suite = ET.parse(junit).getroot().find("testsuite")
+    assert suite.get("failures") == "1" and suite.get("skipped") == "1"
+
+
 def test_stop_ids_are_reached_with_a_step_in_flight():
     report = run_differential(targeted.stops_in_flight(), LAZY)
     for key, result in report.runs["sync sim/eager"].results.items():

@@ -59,8 +59,8 @@ def run(name: str, device: str, checks: tuple[str, ...] = (), quick: bool = Fals
         if result.status == "fail" and "caught_by" not in out:
             out.update(caught_by=f"{result.name}: {result.detector}", seconds_to_catch=elapsed,
                        message=result.detail, replay=result.replay)
-        if result.status == "fail" and stop:
-            break
+        if result.status == "fail" and (stop or result.hung):
+            break   # after a hang, the stuck engine's threads may still spin (see the gate)
     out["gate_s"] = elapsed
     return out
 
