@@ -84,18 +84,23 @@ class BenchOptions:
                                   f"--short {self.short} --long {self.long}")
         if self.repeats < 1:
             raise BenchUsageError(f"--repeats must be at least 1, got {self.repeats}")
-        for name, path in (("--out", self.out), ("--plot", self.plot)):
-            if path is not None and not Path(path).resolve().parent.is_dir():
-                raise BenchUsageError(f"{name} {path}: the folder {Path(path).parent} does not "
-                                      f"exist")
-        if self.plot is not None:
-            try:
-                import matplotlib  # noqa: F401
-            except ImportError:
-                raise BenchUsageError("--plot needs matplotlib (pip install matplotlib)") from None
+        check_outputs(self.out, self.plot)
         unknown = set(self.peers) - set(PEERS)
         if unknown:
             raise BenchUsageError(f"unknown peers {sorted(unknown)}; known: {PEERS}")
+
+
+def check_outputs(out: str | None, plot: str | None) -> None:
+    """BenchUsageError naming ``--out`` or ``--plot`` when its folder is missing, or ``--plot``
+    without matplotlib."""
+    for name, path in (("--out", out), ("--plot", plot)):
+        if path is not None and not Path(path).resolve().parent.is_dir():
+            raise BenchUsageError(f"{name} {path}: the folder {Path(path).parent} does not exist")
+    if plot is not None:
+        try:
+            import matplotlib  # noqa: F401
+        except ImportError:
+            raise BenchUsageError("--plot needs matplotlib (pip install matplotlib)") from None
 
 
 def parse_batch_sizes(text: str) -> tuple[int, ...]:

@@ -24,7 +24,8 @@ import torch
 
 from lockstep.engine import LLM
 
-from .bench import SHAPES, BenchUsageError, progress, random_checkpoint, versions
+from .bench import (SHAPES, BenchUsageError, check_outputs, progress, random_checkpoint,
+                    versions)
 from .host import describe, host_info
 from .traffic import MIXES, Mix, requests_of, serve
 
@@ -61,15 +62,7 @@ class TrafficOptions:
                                   f"--peer-repeats at least 0 (got {self.peer_repeats})")
         if set(self.peers) - {PEER}:
             raise BenchUsageError(f"--peers for --traffic: {PEER} or none, got {self.peers}")
-        for name, path in (("--out", self.out), ("--plot", self.plot)):
-            if path is not None and not Path(path).resolve().parent.is_dir():
-                raise BenchUsageError(f"{name} {path}: the folder {Path(path).parent} does not "
-                                      f"exist")
-        if self.plot is not None:
-            try:
-                import matplotlib  # noqa: F401
-            except ImportError:
-                raise BenchUsageError("--plot needs matplotlib (pip install matplotlib)") from None
+        check_outputs(self.out, self.plot)
 
 
 def _engine(path: str, opts: TrafficOptions, mix: Mix, async_scheduling: bool) -> LLM:

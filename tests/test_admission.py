@@ -21,16 +21,22 @@ torch.set_num_threads(1)
 LAZY = Mode(True, "sim", "lazy")
 
 
-def _rows_per_schedule(monkeypatch, async_scheduling: bool, max_tokens: list[int]) -> list[int]:
-    """Rows of every schedule call (empty ones too) for 3-token prompts, max_num_seqs 4."""
-    rows: list[int] = []
+def _after_each_schedule(monkeypatch, what) -> list:
+    """``what(scheduler, output)`` after every ``Scheduler.schedule`` call, in a list."""
+    seen: list = []
     real = Scheduler.schedule
 
     def recorded(self):
         out = real(self)
-        rows.append(len(out.rows))
+        seen.append(what(self, out))
         return out
     monkeypatch.setattr(Scheduler, "schedule", recorded)
+    return seen
+
+
+def _rows_per_schedule(monkeypatch, async_scheduling: bool, max_tokens: list[int]) -> list[int]:
+    """Rows of every schedule call (empty ones too) for 3-token prompts, max_num_seqs 4."""
+    rows = _after_each_schedule(monkeypatch, lambda scheduler, out: len(out.rows))
     llm = LLM(model="oracle", device="sim", sim_policy="lazy", async_scheduling=async_scheduling,
               max_num_seqs=4, block_size=4)
     llm.generate([[3 + i, 5, 7] for i in range(len(max_tokens))],
@@ -53,14 +59,7 @@ def test_async_admits_at_turnover_as_sync_does(monkeypatch, max_tokens, sync_row
 def test_retiring_requests_hold_more_slots_than_max_num_seqs(monkeypatch):
     assert EngineConfig(model="oracle", max_num_seqs=4).num_slots == 4
     assert EngineConfig(model="oracle", max_num_seqs=4, async_scheduling=True).num_slots == 8
-    held: list[int] = []
-    real = Scheduler.schedule
-
-    def recorded(self):
-        out = real(self)
-        held.append(len(self.running))
-        return out
-    monkeypatch.setattr(Scheduler, "schedule", recorded)
+    held = _after_each_schedule(monkeypatch, lambda scheduler, out: len(scheduler.running))
     report = run_differential(TARGETED["turnover"](), (LAZY,))   # = sync = solo, penalties too
     assert max(held) > 4, held
     assert report.runs[LAZY.name].stats["rows_per_step"] == \
